@@ -1,0 +1,37 @@
+"""flax_adapters: adapter-based transfer learning for JAX/Flax, as pure functions over params pytrees."""
+
+from flax_adapters.config import TransferConfig
+from flax_adapters.forward import AdaptedModel, SitePlan, Trainable
+from flax_adapters.merge import materialize, merge_adapters
+from flax_adapters.methods import IA3, IA3FF, AdapterError, Houlsby, Locon, LoRA
+from flax_adapters.summary import ParamSummary, param_summary
+from flax_adapters.surgery import prepare_for_transfer, prepare_params
+from flax_adapters.tracing import Site, trace_model
+from flax_adapters.training import combine, partition, trainable_mask, transfer_optimizer
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'AdaptedModel',
+    'AdapterError',
+    'Houlsby',
+    'IA3',
+    'IA3FF',
+    'Locon',
+    'LoRA',
+    'ParamSummary',
+    'Site',
+    'SitePlan',
+    'Trainable',
+    'TransferConfig',
+    'combine',
+    'materialize',
+    'merge_adapters',
+    'param_summary',
+    'partition',
+    'prepare_for_transfer',
+    'prepare_params',
+    'trace_model',
+    'trainable_mask',
+    'transfer_optimizer',
+]

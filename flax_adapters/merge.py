@@ -1,0 +1,87 @@
+"""Fold adapters into the kernels they adapt: `merge_adapters` (serving) and `materialize`.
+
+Each fold is computed in float32 (float64 for float64 kernels) and cast back to the kernel's dtype.
+Per module, adapters fold in folding order (additive deltas, then input scales, then output scales);
+the first one that cannot fold (Houlsby's nonlinearity, Locon on a weight-standardized conv) stops
+folding there, and it and everything after it stay in the model and keep running factored.
+"""
+
+from __future__ import annotations
+
+from flax_adapters import paths as paths_lib
+from flax_adapters.forward import AdaptedModel, SitePlan, check_adapter_leaves
+from flax_adapters.methods import fold_order, sort_methods
+from flax_adapters.surgery import get_subtree, set_subtree
+
+
+def _fold_site(entry: SitePlan, module_params):
+  names = set(entry.leaf_names())
+  base = {k: v for k, v in module_params.items() if k not in names}
+  remaining = []
+  for method in fold_order(entry.methods):
+    leaves = {n: module_params[n] for n in method.leaf_names}
+    folded = None if remaining else method.fold(entry.site, leaves, base)
+    if folded is None:
+      remaining.append(method)
+    else:
+      base = folded
+  for method in remaining:
+    base.update({n: module_params[n] for n in method.leaf_names})
+  return base, sort_methods(remaining)
+
+
+def merge_adapters(model: AdaptedModel, params):
+  """Fold every foldable adapter into its kernel: returns `(model, params)` for serving.
+
+  When everything folds, the result is the base linen model and a params tree with exactly the base
+  structure, shapes and dtypes. Otherwise it is an `AdaptedModel` that still runs the adapters that
+  stay (Houlsby, Locon on weight-standardized convs). Keep the unmerged params to continue training.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flax_adapters as fa
+    >>> x = jnp.ones((2, 4))
+    >>> net = nn.Dense(3, name='q_proj')
+    >>> params = net.init(jax.random.key(0), x)['params']
+    >>> model, p = fa.prepare_for_transfer(net, params, fa.TransferConfig(mode='lora', lora_rank=2,
+    ...     lora_targets=['re:.*'], modules_to_save=['re:.*']), x)
+    >>> served, merged = fa.merge_adapters(model, p)
+    >>> served is model.base, sorted(merged)
+    (True, ['bias', 'kernel'])
+  """
+  if not isinstance(model, AdaptedModel):
+    raise TypeError(f'`model` must be an AdaptedModel, found {type(model).__name__}.')
+  check_adapter_leaves(params, model)
+  plan = []
+  for entry in model.plan:
+    module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))
+    params = set_subtree(params, entry.site.path, module_params)
+    if remaining:
+      plan.append(SitePlan(site=entry.site, methods=remaining))
+  if not plan and model.base is not None:
+    return model.base, params
+  return model.replace(plan=tuple(plan)), params
+
+
+def materialize(params, model: AdaptedModel):
+  """The params with every weight-space adapter folded in: the reference, framework-neutral forward.
+
+  Differentiable, so `jax.grad(lambda p: loss(apply_fn(materialize(p, model), x)))` trains the
+  adapters of any model. Raises if an adapter cannot be folded (Houlsby, or Locon on a
+  weight-standardized conv): those need the factored forward of `AdaptedModel.apply`.
+  """
+  if not isinstance(model, AdaptedModel):
+    raise TypeError(f'`model` must be an AdaptedModel, found {type(model).__name__}.')
+  check_adapter_leaves(params, model)
+  for entry in model.plan:
+    module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))
+    if remaining:
+      raise ValueError(
+          f'materialize cannot fold {[m.name for m in remaining]} at {paths_lib.dotted(entry.site.path)!r} '
+          f'({entry.site.module_type}): '
+          + ('it is not a weight-space adapter' if any(m.name == 'houlsby' for m in remaining)
+             else 'the module recomputes its kernel (e.g. weight standardization), so a folded delta would be undone')
+          + '. Run the model with AdaptedModel.apply instead.'
+      )
+    params = set_subtree(params, entry.site.path, module_params)
+  return params

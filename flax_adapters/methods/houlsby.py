@@ -1,0 +1,102 @@
+"""Houlsby bottleneck adapters: `h -> h + up(act(down(h)))` on a module's output.
+
+(Houlsby et al., 2019; the Baskerville/AlphaGenome placement.) At `'block'` placement the
+bottleneck wraps the output of a sub-block such as `mha` or `mlp`, so a pre-norm residual block
+computes `x + mha(x) + up(act(down(mha(x))))`; at `'linear'` placement it wraps a linear layer's
+output. The up projection starts at zero, so the adapter starts as the exact identity (AlphaGenome's
+truncated-normal init of both projections is available as `init='alphagenome'`). The nonlinearity
+makes it unfoldable: it stays in the merged model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_adapters.methods.base import AdapterError, Method, broadcast_to, kaiming_uniform
+from flax_adapters.tracing import LATENT, LINEAR_KINDS, Site
+
+ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu, 'tanh': jnp.tanh}
+
+
+@dataclasses.dataclass(frozen=True)
+class Houlsby(Method):
+  """A residual bottleneck on a module's output features.
+
+  Examples:
+    >>> import jax.numpy as jnp, flax.linen as nn
+    >>> from flax_adapters.tracing import trace_model
+    >>> site = trace_model(nn.Dense(16), jnp.ones((1, 4))).sites[()]
+    >>> Houlsby(latent_dim=2, placement='linear').count(site)  # 16*2 + 2 + 2*16 + 16
+    82
+  """
+
+  name = 'houlsby'
+  leaf_names = ('houlsby_down', 'houlsby_down_bias', 'houlsby_up', 'houlsby_up_bias')
+  stage = 'output'
+  group = 'houlsby'
+
+  latent_dim: int = 8
+  placement: str = 'block'
+  activation: str = 'relu'
+  init_scheme: str = 'zero_up'
+
+  def check(self, site: Site) -> None:
+    if self.placement == 'block':
+      if site.kind != 'block':
+        raise AdapterError(
+            f"Houlsby at placement 'block' wraps sub-blocks (modules such as 'mha' or 'mlp'), but "
+            f"{site.describe()} is a single layer. Use houlsby_placement='linear' to wrap layers."
+        )
+    elif site.kind not in LINEAR_KINDS or site.kernel_shape is None:
+      raise AdapterError(
+          f"Houlsby at placement 'linear' wraps linear layers, but {site.describe()} is not one. "
+          "Use houlsby_placement='block' to wrap sub-blocks."
+      )
+    if not site.feature_out:
+      raise AdapterError(
+          f'Houlsby needs {site.describe()} to return one array whose last axis is the feature '
+          f"axis; it returns {site.option('output')}."
+      )
+    if site.unsupported_letters:
+      raise AdapterError(f'Houlsby cannot wrap {site.describe()}: its kernel has batch axes {site.unsupported_letters!r}.')
+
+  def shapes(self, site):
+    feat = site.size(site.feature_out)
+    return {
+        'houlsby_down': feat + (self.latent_dim,),
+        'houlsby_down_bias': (self.latent_dim,),
+        'houlsby_up': (self.latent_dim,) + feat,
+        'houlsby_up_bias': feat,
+    }
+
+  def init(self, rng, site, dtype):
+    shapes = self.shapes(site)
+    k_down, k_up = jax.random.split(rng)
+    if self.init_scheme == 'alphagenome':
+      down = 1e-3 * jax.random.truncated_normal(k_down, -2.0, 2.0, shapes['houlsby_down'], dtype)
+      up = 1e-3 * jax.random.truncated_normal(k_up, -2.0, 2.0, shapes['houlsby_up'], dtype)
+    else:
+      down = kaiming_uniform(k_down, shapes['houlsby_down'], int(np.prod(site.size(site.feature_out))), dtype)
+      up = jnp.zeros(shapes['houlsby_up'], dtype)
+    return {
+        'houlsby_down': down,
+        'houlsby_down_bias': jnp.zeros(shapes['houlsby_down_bias'], dtype),
+        'houlsby_up': up,
+        'houlsby_up_bias': jnp.zeros(shapes['houlsby_up_bias'], dtype),
+    }
+
+  def apply(self, site, leaves, x, y, call):
+    if not isinstance(y, jax.Array):
+      raise AdapterError(f'Houlsby at {site.name} expected the module to return an array, got {type(y).__name__}.')
+    dt = y.dtype
+    feat = site.feature_out
+    ys = call.y
+    rest = ''.join(c for c in ys if c not in feat)
+    h = jnp.einsum(f'{ys},{feat}{LATENT}->{rest}{LATENT}', y, leaves['houlsby_down'].astype(dt))
+    h = ACTIVATIONS[self.activation](h + leaves['houlsby_down_bias'].astype(dt))
+    u = jnp.einsum(f'{rest}{LATENT},{LATENT}{feat}->{ys}', h, leaves['houlsby_up'].astype(dt))
+    return y + u + broadcast_to(leaves['houlsby_up_bias'].astype(dt), feat, ys)

@@ -1,0 +1,122 @@
+"""Locon: LoRA for convolutions (LyCORIS; Yeh et al., 2023).
+
+Beside a conv `W` of kernel size k, a down conv `D` (same kernel size, strides, dilations and
+padding as `W`; in -> r channels) and a 1x1 up conv `U` (r -> out, zeros) add
+`scale · U(D(x))`. On a plain conv `U∘D` is itself a conv, so it folds into `W`. On a
+weight-standardized conv it cannot: the standardization is recomputed from the kernel on every
+call and would undo the fold, so there Locon stays and runs factored after merging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from flax_adapters.methods.base import AdapterError, Method, kaiming_uniform
+from flax_adapters.tracing import RANK, Site
+
+# Set while an adapter runs linen modules of its own, so the adapted forward leaves them alone.
+BYPASS = contextvars.ContextVar('flax_adapters_bypass', default=False)
+
+
+@contextlib.contextmanager
+def bypass_interceptor():
+  token = BYPASS.set(True)
+  try:
+    yield
+  finally:
+    BYPASS.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class Locon(Method):
+  """Low-rank adaptation of a Conv kernel (1-D, 2-D, ...) as a down conv and a 1x1 up conv.
+
+  Examples:
+    >>> import jax.numpy as jnp, flax.linen as nn
+    >>> from flax_adapters.tracing import trace_model
+    >>> site = trace_model(nn.Conv(8, (5,)), jnp.ones((1, 32, 4))).sites[()]
+    >>> Locon(rank=4, alpha=1).shapes(site)
+    {'locon_down': (5, 4, 4), 'locon_up': (1, 4, 8)}
+  """
+
+  name = 'locon'
+  leaf_names = ('locon_down', 'locon_up')
+  stage = 'additive'
+  group = 'locon'
+
+  rank: int = 4
+  alpha: float = 1.0
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def check(self, site: Site) -> None:
+    if site.kind != 'conv' or site.kernel_shape is None:
+      hint = " Use 'lora' with `lora_targets` for linear layers." if site.kind in ('dense', 'dense_general', 'einsum') else ''
+      raise AdapterError(
+          f'Locon adapts convolutions (nn.Conv and its subclasses), but {site.describe()} is not one.{hint}'
+      )
+    groups = site.option('feature_group_count') or 1
+    if groups != 1:
+      raise AdapterError(
+          f'Locon cannot adapt grouped convolution {site.describe()} (feature_group_count={groups}): '
+          'its low-rank down conv would mix channels across groups. Leave it out of `locon_targets`.'
+      )
+    in_size = int(np.prod(site.kernel_shape[:-1]))
+    out = site.kernel_shape[-1]
+    if self.rank > min(in_size, out):
+      raise AdapterError(
+          f'`locon_rank`={self.rank} is larger than {site.describe()} allows: kernel '
+          f'{site.kernel_shape} has {in_size} inputs per output and {out} outputs, so the rank can '
+          f'be at most {min(in_size, out)}. Lower `locon_rank`.'
+      )
+
+  def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
+    *spatial, c_in, c_out = site.kernel_shape
+    return {
+        'locon_down': (*spatial, c_in, self.rank),
+        'locon_up': (1,) * len(spatial) + (self.rank, c_out),
+    }
+
+  def init(self, rng, site, dtype):
+    shapes = self.shapes(site)
+    fan_in = int(np.prod(site.kernel_shape[:-1]))
+    return {
+        'locon_down': kaiming_uniform(rng, shapes['locon_down'], fan_in, dtype),
+        'locon_up': jnp.zeros(shapes['locon_up'], dtype),
+    }
+
+  def _down_conv(self, site: Site, dtype) -> nn.Conv:
+    geometry = {k: v for k, v in site.options if k != 'feature_group_count' and v is not None}
+    return nn.Conv(features=self.rank, use_bias=False, dtype=dtype, param_dtype=dtype, **geometry)
+
+  def apply(self, site, leaves, x, y, call):
+    dt = y.dtype
+    # The down conv is an nn.Conv with the wrapped conv's geometry, so padding modes
+    # ('SAME', 'CIRCULAR', 'CAUSAL', explicit pairs), strides and dilations all agree.
+    with bypass_interceptor():
+      t = self._down_conv(site, dt).apply({'params': {'kernel': leaves['locon_down'].astype(dt)}}, x.astype(dt))
+    up = leaves['locon_up'].reshape(self.rank, -1).astype(dt)
+    return y + jnp.einsum(f'...{RANK},{RANK}O->...O', t * jnp.asarray(self.scale, dt), up)
+
+  def delta(self, site, leaves, dtype):
+    down = leaves['locon_down'].astype(dtype)
+    up = leaves['locon_up'].reshape(self.rank, -1).astype(dtype)
+    return jnp.einsum(f'...I{RANK},{RANK}O->...IO', down, up, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(
+        self.scale, dtype
+    )
+
+  def fold(self, site, leaves, module_params):
+    if not site.mergeable:
+      return None
+    kernel = module_params['kernel']
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    return {**module_params, 'kernel': (kernel.astype(dtype) + self.delta(site, leaves, dtype)).astype(kernel.dtype)}

@@ -1,0 +1,107 @@
+"""LoRA: a low-rank delta `scale · (x·A)·B` beside a linear layer (Hu et al., 2021).
+
+A has the kernel's input axes and a rank axis, B the rank axis and the kernel's output axes, so a
+multi-axis attention kernel `(d, heads, head_dim)` gets A `(d, r)` and B `(r, heads, head_dim)`.
+A is uniform(±1/sqrt(fan_in)), B zeros: the adapted layer starts equal to the base layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flax_adapters.methods.base import AdapterError, Method, kaiming_uniform, require_kernel_letters
+from flax_adapters.tracing import LINEAR_KINDS, RANK, Contraction, Site
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA(Method):
+  """Low-rank adaptation of a Dense, DenseGeneral or Einsum kernel.
+
+  Examples:
+    >>> LoRA(rank=8, alpha=16).scale
+    2.0
+    >>> LoRA(rank=16, alpha=16, use_rslora=True).scale
+    4.0
+  """
+
+  name = 'lora'
+  leaf_names = ('lora_a', 'lora_b')
+  stage = 'additive'
+  group = 'lora'
+
+  # Rank r of the delta.
+  rank: int = 8
+  # The delta is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
+  alpha: float = 16.0
+  use_rslora: bool = False
+
+  @property
+  def scale(self) -> float:
+    return float(self.alpha / (np.sqrt(self.rank) if self.use_rslora else self.rank))
+
+  def check(self, site: Site) -> None:
+    if site.kind in ('conv', 'conv_other'):
+      raise AdapterError(
+          f'LoRA targets linear layers, but {site.describe()} is a convolution; adapt convolutions '
+          "with Locon: add 'locon' to mode and this layer to `locon_targets`."
+      )
+    if site.kind not in LINEAR_KINDS or site.kernel_shape is None:
+      raise AdapterError(
+          f'LoRA needs a linear layer (Dense, DenseGeneral, Einsum), but {site.describe()} is not '
+          "one. Narrow the target (e.g. 'mha.q_proj'), or declare `adapter_kind = 'dense'` on a "
+          'custom linear module.'
+      )
+    require_kernel_letters('LoRA', site)
+    fan_in = int(np.prod(site.size(site.feature_in)))
+    fan_out = int(np.prod(site.size(site.feature_out)))
+    if self.rank > min(fan_in, fan_out):
+      raise AdapterError(
+          f'`lora_rank`={self.rank} is larger than {site.describe()} allows: its kernel '
+          f'{site.kernel_shape} maps {fan_in} inputs to {fan_out} outputs, so the rank can be at '
+          f'most {min(fan_in, fan_out)}. Lower `lora_rank`.'
+      )
+
+  def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
+    return {
+        'lora_a': site.size(site.feature_in) + (self.rank,),
+        'lora_b': (self.rank,) + site.size(site.feature_out),
+    }
+
+  def init(self, rng, site: Site, dtype) -> dict[str, jax.Array]:
+    shapes = self.shapes(site)
+    fan_in = int(np.prod(site.size(site.feature_in)))
+    return {
+        'lora_a': kaiming_uniform(rng, shapes['lora_a'], fan_in, dtype),
+        'lora_b': jnp.zeros(shapes['lora_b'], dtype),
+    }
+
+  def apply(self, site: Site, leaves: Mapping[str, jax.Array], x, y, call: Contraction):
+    dt = y.dtype
+    kin, kout = site.feature_in, site.feature_out
+    rest = ''.join(c for c in call.x if c not in kin)
+    # Factored: (x·A) is only r wide; the scale is applied there, where it is cheapest.
+    t = jnp.einsum(f'{call.x},{kin}{RANK}->{rest}{RANK}', x.astype(dt), leaves['lora_a'].astype(dt))
+    t = t * jnp.asarray(self.scale, dt)
+    return y + jnp.einsum(f'{rest}{RANK},{RANK}{kout}->{call.y}', t, leaves['lora_b'].astype(dt))
+
+  def delta(self, site: Site, leaves: Mapping[str, jax.Array], dtype) -> jax.Array:
+    """The weight delta `scale · A·B`, laid out like the kernel."""
+    a = leaves['lora_a'].astype(dtype)
+    b = leaves['lora_b'].astype(dtype)
+    d = jnp.einsum(f'{site.feature_in}{RANK},{RANK}{site.feature_out}->{site.kernel}', a, b, precision=HIGHEST)
+    return d * jnp.asarray(self.scale, dtype)
+
+  def fold(self, site, leaves, module_params):
+    if not site.mergeable:
+      return None
+    kernel = module_params['kernel']
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    merged = kernel.astype(dtype) + self.delta(site, leaves, dtype)
+    return {**module_params, 'kernel': merged.astype(kernel.dtype)}

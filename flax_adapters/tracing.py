@@ -1,0 +1,326 @@
+"""Know each module's kind by tracing the model once, abstractly.
+
+A 3-D kernel can be a Conv1D `(k, in, out)` or a DenseGeneral `(in, heads, head_dim)`; shapes alone
+cannot tell. So the model's `init` is run under `jax.eval_shape` with a method interceptor
+(`flax.linen.intercept_methods`, linen's official hook) that records, for every module call, its
+class, its own parameters and how its kernel meets its input. The result is a `Site` per module: a
+small hashable description that the adapter methods compute with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from flax_adapters import paths as paths_lib
+
+KINDS = ('dense', 'dense_general', 'einsum', 'conv', 'conv_other', 'norm', 'embed', 'block')
+LINEAR_KINDS = ('dense', 'dense_general', 'einsum')
+_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
+
+# Kernel axes are written in capitals (A, B, ...), free input/output axes in lowercase; the
+# capitals 'Z' and 'Y' are reserved for an adapter's rank and bottleneck axes.
+RANK = 'Z'
+LATENT = 'Y'
+_KERNEL_LETTERS = string.ascii_uppercase[:24]
+_FREE_LETTERS = string.ascii_lowercase
+
+
+def _hashable(value):
+  if isinstance(value, (list, tuple)):
+    return tuple(_hashable(v) for v in value)
+  if isinstance(value, Mapping):
+    return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+  if isinstance(value, np.ndarray):
+    return tuple(value.tolist())
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Contraction:
+  """How one call meets its kernel, as einsum subscripts (`x`, `kernel` -> `y`)."""
+
+  x: str
+  kernel: str
+  y: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One module of a model, as the adapters see it.
+
+  `kernel` is the kernel's subscripts in capitals; `feature_in` / `feature_out` are the kernel
+  letters that meet input / output features (for a conv: `I` and `O`; for a block: `O` alone, the
+  last axis of its output). `sizes` gives each letter's length.
+  """
+
+  path: tuple[str, ...]
+  kind: str
+  module_type: str
+  # (name, shape, dtype) of the module's own parameter leaves.
+  leaves: tuple[tuple[str, tuple[int, ...], str], ...] = ()
+  kernel: str = ''
+  feature_in: str = ''
+  feature_out: str = ''
+  # Subscripts of the bias (kernel letters that survive into the output, in output order).
+  bias: str = ''
+  sizes: tuple[tuple[str, int], ...] = ()
+  # Kernel letters in neither role (e.g. an einsum batch axis over heads): no LoRA/IA3 possible.
+  unsupported_letters: str = ''
+  # False when weight deltas cannot be folded into the kernel (e.g. a weight-standardized conv).
+  mergeable: bool = True
+  # Kind-specific facts needed at call time: DenseGeneral's axis, Einsum's string, Conv geometry.
+  options: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def name(self) -> str:
+    return paths_lib.dotted(self.path)
+
+  def size(self, letters: str) -> tuple[int, ...]:
+    sizes = dict(self.sizes)
+    return tuple(sizes[c] for c in letters)
+
+  def option(self, key: str, default=None):
+    return dict(self.options).get(key, default)
+
+  @property
+  def kernel_shape(self) -> tuple[int, ...] | None:
+    for name, shape, _ in self.leaves:
+      if name == 'kernel':
+        return shape
+    return None
+
+  @property
+  def kernel_dtype(self):
+    for name, _, dtype in self.leaves:
+      if name == 'kernel':
+        return jnp.dtype(dtype)
+    return None
+
+  @property
+  def has_bias(self) -> bool:
+    return any(name == 'bias' for name, _, _ in self.leaves)
+
+  def describe(self) -> str:
+    return f'{self.name} ({self.module_type}, {self.kind})'
+
+  # -- subscripts for one call ---------------------------------------------------------------
+
+  def contraction(self, x_ndim: int, y_ndim: int, call_kwargs: Mapping[str, Any] | None = None) -> Contraction:
+    """Einsum subscripts relating input, kernel and output for a call with these ranks."""
+    if self.kind == 'dense':
+      free = _FREE_LETTERS[: x_ndim - 1]
+      return Contraction(free + self.feature_in, self.kernel, free + self.feature_out)
+    if self.kind == 'dense_general':
+      axes = _normalize_axes(self.option('axis'), x_ndim)
+      n_in = len(axes)
+      xs = list(_FREE_LETTERS[:x_ndim])
+      for ax, letter in zip(axes, self.kernel[:n_in]):
+        xs[ax] = letter
+      free = ''.join(c for c in xs if c.islower())
+      return Contraction(''.join(xs), self.kernel, free + self.kernel[n_in:])
+    if self.kind == 'einsum':
+      einsum_str = (call_kwargs or {}).get('einsum_str') or self.option('einsum_str')
+      return _einsum_contraction(einsum_str, x_ndim, y_ndim)[0]
+    if self.kind in ('conv', 'block', 'norm', 'embed', 'conv_other'):
+      free = _FREE_LETTERS[: y_ndim - 1]
+      return Contraction(_FREE_LETTERS[: x_ndim - 1] + (self.feature_in or 'x'), self.kernel, free + self.feature_out)
+    raise ValueError(f'no contraction for module kind {self.kind!r} at {self.name}.')
+
+
+def _normalize_axes(axis, ndim: int) -> tuple[int, ...]:
+  axis = (axis,) if isinstance(axis, int) else tuple(axis)
+  return tuple(a % ndim for a in axis)
+
+
+def _einsum_contraction(einsum_str: str, x_ndim: int, y_ndim: int):
+  """Relabel an Einsum module's equation: kernel letters -> capitals, free letters -> lowercase."""
+  einsum_str = einsum_str.replace(' ', '')
+  lhs, ys = einsum_str.split('->')
+  xs, ks = lhs.split(',')
+  if '...' in ks:
+    raise ValueError(f'Einsum kernels with an ellipsis are not supported: {einsum_str!r}.')
+  mapping = {c: _KERNEL_LETTERS[i] for i, c in enumerate(dict.fromkeys(ks))}
+  free = iter(_FREE_LETTERS)
+  for c in dict.fromkeys(xs.replace('.', '') + ys.replace('.', '')):
+    if c not in mapping:
+      mapping[c] = next(free)
+  n_ellipsis = x_ndim - len(xs.replace('...', ''))
+  ellipsis = ''.join(next(free) for _ in range(max(n_ellipsis, 0)))
+
+  def expand(s):
+    head, dots, tail = s.partition('...')
+    return ''.join(mapping[c] for c in head) + (ellipsis if dots else '') + ''.join(mapping[c] for c in tail)
+
+  return Contraction(expand(xs), expand(ks), expand(ys)), mapping
+
+
+def module_kind(module: nn.Module) -> str:
+  """The kind of a linen module: declared by an `adapter_kind` class attribute, else by class."""
+  declared = getattr(type(module), 'adapter_kind', None)
+  if declared is not None:
+    if declared not in KINDS:
+      raise ValueError(
+          f'{type(module).__name__}.adapter_kind is {declared!r}; expected one of {list(KINDS)}.'
+      )
+    return declared
+  if isinstance(module, nn.Dense):
+    return 'dense'
+  if isinstance(module, nn.DenseGeneral):
+    return 'dense_general'
+  if isinstance(module, nn.Einsum):
+    return 'einsum'
+  if isinstance(module, nn.Conv):
+    return 'conv'
+  if isinstance(module, (nn.ConvTranspose, nn.ConvLocal)):
+    return 'conv_other'
+  if isinstance(module, _NORMS):
+    return 'norm'
+  if isinstance(module, nn.Embed):
+    return 'embed'
+  return 'block'
+
+
+_CONV_FIELDS = (
+    'kernel_size', 'strides', 'padding', 'input_dilation', 'kernel_dilation',
+    'feature_group_count', 'precision',
+)
+
+
+def _own_leaves(module: nn.Module) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+  params = module.variables.get('params', {}) if module.scope is not None else {}
+  return tuple(
+      (name, tuple(v.shape), str(jnp.dtype(v.dtype)))
+      for name, v in sorted(params.items())
+      if not isinstance(v, Mapping)
+  )
+
+
+def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping[str, Any]) -> Site:
+  """Describe one called module (kernel subscripts, feature letters, geometry)."""
+  path = tuple(module.scope.path)
+  leaves = _own_leaves(module)
+  shapes = {name: shape for name, shape, _ in leaves}
+  common = dict(
+      path=path,
+      kind=kind,
+      module_type=type(module).__name__,
+      leaves=leaves,
+      mergeable=bool(getattr(type(module), 'adapter_mergeable', True)),
+  )
+  kernel_shape = shapes.get('kernel')
+  if kind in LINEAR_KINDS and kernel_shape is not None:
+    options = ()
+    if kind == 'dense':
+      ks, fin, fout = 'AB', 'A', 'B'
+      bias = fout
+      if len(kernel_shape) != 2:
+        raise ValueError(f'{paths_lib.dotted(path)}: a Dense kernel must be 2-D, found shape {kernel_shape}.')
+    elif kind == 'dense_general':
+      axis = _hashable(getattr(module, 'axis', -1))
+      n_in = len(_normalize_axes(axis, max(x_ndim, 1)))
+      if getattr(module, 'batch_dims', ()):
+        options = (('axis', axis), ('batch_dims', _hashable(module.batch_dims)))
+        ks = _KERNEL_LETTERS[: len(kernel_shape)]
+        return Site(**common, kernel=ks, sizes=tuple(zip(ks, kernel_shape)), unsupported_letters=ks, options=options)
+      ks = _KERNEL_LETTERS[: len(kernel_shape)]
+      fin, fout = ks[:n_in], ks[n_in:]
+      bias = fout
+      options = (('axis', axis),)
+    else:
+      einsum_str = call_kwargs.get('einsum_str') or module.einsum_str
+      c, _ = _einsum_contraction(einsum_str, x_ndim, np.ndim(y))
+      ks = c.kernel
+      fin = ''.join(k for k in ks if k in c.x and k not in c.y)
+      fout = ''.join(k for k in ks if k in c.y and k not in c.x)
+      options = (('einsum_str', einsum_str.replace(' ', '')),)
+      odd = ''.join(k for k in ks if k not in fin + fout)
+      bias = ''.join(k for k in c.y if k in ks)
+      return Site(**common, kernel=ks, feature_in=fin, feature_out=fout, bias=bias,
+                  sizes=tuple(zip(ks, kernel_shape)), unsupported_letters=odd, options=options)
+    return Site(**common, kernel=ks, feature_in=fin, feature_out=fout, bias=bias,
+                sizes=tuple(zip(ks, kernel_shape)), options=options)
+  if kind == 'conv' and kernel_shape is not None:
+    n_spatial = len(kernel_shape) - 2
+    ks = _KERNEL_LETTERS[:n_spatial] + 'IO'
+    options = tuple((f, _hashable(getattr(module, f, None))) for f in _CONV_FIELDS)
+    return Site(**common, kernel=ks, feature_in='I', feature_out='O', bias='O', sizes=tuple(zip(ks, kernel_shape)), options=options)
+  # Blocks, norms and anything else: the last output axis is the feature axis.
+  out_dim = int(np.shape(y)[-1]) if isinstance(y, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)) and np.ndim(y) else None
+  sizes = (('O', out_dim),) if out_dim is not None else ()
+  return Site(**common, feature_out='O' if out_dim is not None else '', sizes=sizes,
+              options=(('output', 'array' if out_dim is not None else type(y).__name__),))
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+  """What tracing a model found: its abstract variables and one `Site` per called module."""
+
+  variables: Any
+  sites: Mapping[tuple[str, ...], Site]
+
+  @property
+  def params(self):
+    return self.variables.get('params', {})
+
+
+def _first_array(args):
+  for a in args:
+    if hasattr(a, 'ndim') and hasattr(a, 'shape'):
+      return a
+  return None
+
+
+def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | None = None, **kwargs) -> Trace:
+  """Trace `model.init(rngs, *args, **kwargs)` abstractly and describe every module it calls.
+
+  Nothing is computed: inputs may be `jax.ShapeDtypeStruct`s. `kinds` overrides the detected kind
+  of modules whose dotted path a target matches (`{'my_linear': 'dense'}`).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> t = trace_model(nn.Dense(3), jnp.ones((1, 4)))
+    >>> t.sites[()].kind, t.sites[()].kernel_shape
+    ('dense', (4, 3))
+  """
+  kinds = dict(kinds or {})
+  sites: dict[tuple[str, ...], Site] = {}
+
+  def interceptor(next_fun, call_args, call_kwargs, context):
+    out = next_fun(*call_args, **call_kwargs)
+    module = context.module
+    if context.method_name != '__call__' or module.scope is None:
+      return out
+    path = tuple(module.scope.path)
+    kind = module_kind(module)
+    for target, forced in kinds.items():
+      if paths_lib.matches(target, path):
+        kind = forced
+    x = _first_array(call_args)
+    x_ndim = x.ndim if x is not None else 0
+    site = make_site(module, kind, x_ndim, out, call_kwargs)
+    previous = sites.get(path)
+    if previous is not None and previous != site:
+      # A module called twice with different geometry (e.g. two input ranks) keeps the first.
+      return out
+    sites[path] = site
+    return out
+
+  if rngs is None:
+    rngs = jax.random.key(0)
+  if not isinstance(rngs, Mapping):
+    rngs = {'params': rngs, 'dropout': rngs}
+
+  def init():
+    with nn.intercept_methods(interceptor):
+      return model.init(rngs, *args, **kwargs)
+
+  variables = jax.eval_shape(init)
+  return Trace(variables=variables, sites=sites)

@@ -318,9 +318,15 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
   if not isinstance(rngs, Mapping):
     rngs = {'params': rngs, 'dropout': rngs}
 
-  def init():
-    with nn.intercept_methods(interceptor):
-      return model.init(rngs, *args, **kwargs)
+  # Arrays and ShapeDtypeStructs are traced; anything else (flags such as train=False) stays static.
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  is_array = [isinstance(l, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)) for l in leaves]
 
-  variables = jax.eval_shape(init)
+  def init(dynamic):
+    it = iter(dynamic)
+    a, kw = jax.tree.unflatten(treedef, [next(it) if arr else l for l, arr in zip(leaves, is_array)])
+    with nn.intercept_methods(interceptor):
+      return model.init(rngs, *a, **kw)
+
+  variables = jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr])
   return Trace(variables=variables, sites=sites)

@@ -1,5 +1,6 @@
 """flax_adapters: adapter-based transfer learning for JAX/Flax, as pure functions over params pytrees."""
 
+from flax_adapters.checkpoint import load_adapters, read_meta, restore_transfer, save_adapters
 from flax_adapters.config import TransferConfig
 from flax_adapters.forward import AdaptedModel, SitePlan, Trainable
 from flax_adapters.merge import materialize, merge_adapters
@@ -25,6 +26,10 @@ __all__ = [
     'Trainable',
     'TransferConfig',
     'combine',
+    'load_adapters',
+    'read_meta',
+    'restore_transfer',
+    'save_adapters',
     'materialize',
     'merge_adapters',
     'param_summary',

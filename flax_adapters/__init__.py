@@ -5,6 +5,7 @@ from flax_adapters.config import TransferConfig
 from flax_adapters.forward import AdaptedModel, SitePlan, Trainable
 from flax_adapters.merge import materialize, merge_adapters
 from flax_adapters.methods import IA3, IA3FF, AdapterError, Houlsby, Locon, LoRA
+from flax_adapters.sharding import named_shardings, optimizer_shardings, partition_specs, shard_params
 from flax_adapters.summary import ParamSummary, param_summary
 from flax_adapters.surgery import prepare_for_transfer, prepare_params
 from flax_adapters.tracing import Site, trace_model
@@ -30,10 +31,14 @@ __all__ = [
     'read_meta',
     'restore_transfer',
     'save_adapters',
+    'shard_params',
     'materialize',
+    'named_shardings',
+    'optimizer_shardings',
     'merge_adapters',
     'param_summary',
     'partition',
+    'partition_specs',
     'prepare_for_transfer',
     'prepare_params',
     'trace_model',

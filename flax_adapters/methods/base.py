@@ -9,7 +9,9 @@ A method is a frozen dataclass of its hyperparameters (rank, scale, ...) with pu
   the input, `'output'` transforms the module's output;
 - `fold(site, leaves, module_params)`: the module's params with the adapter folded into the
   kernel, or `None` when it cannot be folded (then it stays and keeps running factored);
-- `count(site)`: the number of parameters it adds (the analytic formula the tests check).
+- `count(site)`: the number of parameters it adds (the analytic formula the tests check);
+- `layout(site)`: each leaf's axes named by the kernel letters they share, so a leaf is sharded
+  like the kernel axes it follows (the rank and bottleneck axes are replicated).
 
 Folding order differs from forward order: additive deltas fold first, then input scales (which
 also scale the delta), then output scales.
@@ -61,6 +63,10 @@ class Method:
     return int(sum(np.prod(s) for s in self.shapes(site).values()))
 
   def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
+    raise NotImplementedError
+
+  def layout(self, site: Site) -> dict[str, str]:
+    """Each leaf's axes as letters: kernel letters share the kernel's sharding; others replicate."""
     raise NotImplementedError
 
   def to_json(self) -> dict[str, Any]:

@@ -64,6 +64,10 @@ class Houlsby(Method):
     if site.unsupported_letters:
       raise AdapterError(f'Houlsby cannot wrap {site.describe()}: its kernel has batch axes {site.unsupported_letters!r}.')
 
+  def layout(self, site):
+    f = site.feature_out
+    return {'houlsby_down': f + LATENT, 'houlsby_down_bias': LATENT, 'houlsby_up': LATENT + f, 'houlsby_up_bias': f}
+
   def shapes(self, site):
     feat = site.size(site.feature_out)
     return {

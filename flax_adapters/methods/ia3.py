@@ -52,6 +52,9 @@ class IA3(Method):
   def check(self, site):
     _check('IA3', site)
 
+  def layout(self, site):
+    return {'ia3_scale': site.feature_out}
+
   def shapes(self, site):
     return {'ia3_scale': site.size(site.feature_out)}
 
@@ -91,6 +94,9 @@ class IA3FF(Method):
           f'IA3_FF cannot scale the inputs of grouped convolution {site.describe()} '
           f"(feature_group_count={site.option('feature_group_count')}); use IA3 on its outputs."
       )
+
+  def layout(self, site):
+    return {'ia3_ff_scale': site.feature_in}
 
   def shapes(self, site):
     return {'ia3_ff_scale': site.size(site.feature_in)}

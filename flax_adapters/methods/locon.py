@@ -79,6 +79,10 @@ class Locon(Method):
           f'be at most {min(in_size, out)}. Lower `locon_rank`.'
       )
 
+  def layout(self, site: Site) -> dict[str, str]:
+    spatial = site.kernel[:-2]
+    return {'locon_down': spatial + 'I' + RANK, 'locon_up': '.' * len(spatial) + RANK + 'O'}
+
   def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
     *spatial, c_in, c_out = site.kernel_shape
     return {

@@ -68,6 +68,9 @@ class LoRA(Method):
           f'most {min(fan_in, fan_out)}. Lower `lora_rank`.'
       )
 
+  def layout(self, site: Site) -> dict[str, str]:
+    return {'lora_a': site.feature_in + RANK, 'lora_b': RANK + site.feature_out}
+
   def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
     return {
         'lora_a': site.size(site.feature_in) + (self.rank,),

@@ -1,0 +1,111 @@
+"""Sharded training: adapter leaves take their sharding from the kernel they adapt.
+
+LoRA's A follows the kernel's input axes and B its output axes, IA3 scales follow the feature axes
+they scale, Locon and Houlsby likewise; rank and bottleneck axes are replicated. So a
+column-parallel kernel `P(None, 'model')` gets A `P(None, None)` and B `P(None, 'model')`, and the
+adapter's matmuls need no extra communication beyond the base layer's. Optimizer state follows the
+params. Everything else is JAX's own SPMD machinery (`jax.jit` with shardings over a `Mesh`;
+`jax.distributed` for several hosts).
+"""
+
+from __future__ import annotations
+
+import jax
+import optax  # noqa: F401  (type annotations)
+from flax import traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flax_adapters.forward import AdaptedModel
+from flax_adapters.methods import LEAF_NAMES
+
+P = PartitionSpec
+
+
+def _as_spec(spec) -> PartitionSpec:
+  if spec is None:
+    return P()
+  if isinstance(spec, NamedSharding):
+    return spec.spec
+  if isinstance(spec, PartitionSpec):
+    return spec
+  raise TypeError(f'expected a PartitionSpec, NamedSharding or None, found {spec!r}.')
+
+
+def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
+  """PartitionSpecs for the adapted params, from the specs of the base params.
+
+  Args:
+    model: the `AdaptedModel`.
+    params: the adapted params (only their structure is used).
+    base_specs: a tree like the base params (no adapter leaves) of `PartitionSpec`s (or
+      `NamedSharding`s, or None for replicated); e.g. `nn.get_partition_spec(variables)['params']`.
+      A callable `(path: tuple[str, ...], leaf) -> spec` also works.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flax_adapters as fa
+    >>> from jax.sharding import PartitionSpec as P
+    >>> x = jnp.ones((2, 8))
+    >>> params = nn.Dense(16, name='q_proj').init(jax.random.key(0), x)['params']
+    >>> model, p = fa.prepare_for_transfer(nn.Dense(16), params, fa.TransferConfig(
+    ...     mode='lora', lora_targets=['re:.*'], modules_to_save=['re:.*']), x)
+    >>> specs = fa.partition_specs(model, p, {'kernel': P(None, 'model'), 'bias': P('model')})
+    >>> specs['lora_a'], specs['lora_b']
+    (P(None, None), P(None, 'model'))
+  """
+  flat = traverse_util.flatten_dict(params)
+  if callable(base_specs):
+    base = {k: _as_spec(base_specs(k, v)) for k, v in flat.items() if k[-1] not in LEAF_NAMES}
+  else:
+    base = {k: _as_spec(v) for k, v in traverse_util.flatten_dict(base_specs).items()}
+  out = {}
+  for key, leaf in flat.items():
+    if key[-1] in LEAF_NAMES:
+      continue
+    if key not in base:
+      raise ValueError(f'`base_specs` has no entry for {"/".join(key)}; give a spec (or None) for every base leaf.')
+    out[key] = base[key]
+  for entry in model.plan:
+    site = entry.site
+    kernel_spec = tuple(base.get(site.path + ('kernel',), P()))
+    axes = dict(zip(site.kernel, kernel_spec + (None,) * (len(site.kernel) - len(kernel_spec))))
+    for method in entry.methods:
+      for leaf, letters in method.layout(site).items():
+        out[site.path + (leaf,)] = P(*(axes.get(c) for c in letters))
+  missing = set(flat) - set(out)
+  if missing:
+    raise ValueError(f'no spec for {sorted("/".join(k) for k in missing)[:4]}: they are not in the model\'s plan.')
+  return traverse_util.unflatten_dict(out)
+
+
+def named_shardings(mesh: Mesh, specs):
+  """The `NamedSharding` tree for a tree of PartitionSpecs."""
+  return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
+
+
+def shard_params(params, mesh: Mesh, specs):
+  """Place `params` on `mesh` according to `specs` (from `partition_specs`)."""
+  return jax.device_put(params, named_shardings(mesh, specs))
+
+
+def optimizer_shardings(tx: optax.GradientTransformation, params, mesh: Mesh, specs):
+  """Shardings for `tx.init(params)`: every param-shaped state leaf follows its param; the rest replicate.
+
+  Works through wrappers that mask frozen leaves (`transfer_optimizer`, `optax.masked`): a state
+  leaf is matched to a param by the param's key path, which it ends with, and by shape. Use as
+  `jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh, specs))(params)`.
+  """
+  state = jax.eval_shape(tx.init, params)
+  shardings = traverse_util.flatten_dict(named_shardings(mesh, specs))
+  shapes = {k: jax.numpy.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+  replicated = NamedSharding(mesh, P())
+
+  def follow(path, leaf):
+    keys = tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', '')))) for k in path)
+    for start in range(len(keys)):
+      key = keys[start:]
+      if key in shardings and shapes[key] == leaf.shape:
+        return shardings[key]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(follow, state)

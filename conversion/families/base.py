@@ -187,12 +187,13 @@ class Family:
       array = to_numpy(arrays[m.torch_key], key=origin[m.torch_key])
       if array.dtype.kind != 'f':
         raise TypeError(
-            f'state_dict[{origin[m.torch_key]}] has dtype {array.dtype}, but {m.flax_name} is a '
+            f'state_dict[{origin[m.torch_key]!r}] has dtype {array.dtype}, but {m.flax_name} is a '
             'floating-point parameter; quantized checkpoints must be dequantized first.')
       if m.layout.flax_shape(array.shape) != want.shape:
         problems.add('wrong shape', self._misshaped(m, array.shape, want, named(m.torch_key), config))
         continue
-      flat[m.flax_path] = jnp.asarray(m.layout.to_flax(array), dtype=param_dtype)
+      # Cast on the host (ml_dtypes rounds to bfloat16 as torch does): no per-shape XLA compiles.
+      flat[m.flax_path] = jnp.asarray(m.layout.to_flax(array).astype(jnp.dtype(param_dtype)))
 
     for key in arrays:
       if key in used or any(p.fullmatch(origin[key]) or p.fullmatch(key) for p in ignore):

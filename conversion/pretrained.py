@@ -78,6 +78,9 @@ def save_pretrained(
     params: flax params of the family's model.
     config: its config; the family follows from its class.
     dtype: storage dtype name (`'float32'`, `'float16'`, `'bfloat16'`); None keeps the params'.
+
+  A BERT config with `add_pooling_layer=False` writes no pooler; `BertModel.from_pretrained` then
+  initialises a random one (and says so), so pass `add_pooling_layer=False` there too.
   """
   family = family_of(config)
   state_dict = family.flax_to_torch(params, config)

@@ -108,7 +108,7 @@ class Family:
   def param_shapes(self, config: Any, param_dtype: Any = jnp.float32) -> dict[tuple[str, ...], Any]:
     """`{flax path: ShapeDtypeStruct}` from `jax.eval_shape` of the model's init (no compute)."""
     self._check_config(config)
-    return _param_shapes(self.model_class, config, jnp.dtype(param_dtype))
+    return dict(_param_shapes(self.model_class, config, jnp.dtype(param_dtype)))
 
   def _check_config(self, config: Any) -> None:
     if not isinstance(config, self.config_class):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
 
 from conversion import get_family

@@ -1,0 +1,93 @@
+"""Whole model directories: `config.json` + weights, as `from_pretrained`/`save_pretrained` use."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from conversion.families import Family, get_family
+from conversion.state_dict import load_state_dict, save_safetensors
+
+
+def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+  path = os.path.join(os.fspath(model_dir), 'config.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'model_dir={os.fspath(model_dir)!r} has no config.json.')
+  with open(path) as f:
+    hf = json.load(f)
+  if 'model_type' not in hf:
+    raise ValueError(f"{path!r} has no 'model_type', so its model family is unknown.")
+  return hf
+
+
+def load_pretrained(
+    model_dir: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+    ignore: tuple[str, ...] = (),
+    **config_overrides: Any,
+):
+  """Load an HF model directory as `(flax_model, params, config)`.
+
+  `config.json`'s `model_type` picks the family; the weights are `model.safetensors` (or a sharded
+  index, or `pytorch_model.bin` read with `weights_only=True`).
+
+  Args:
+    model_dir: directory written by `save_pretrained` (HF's or ours).
+    dtype: computation dtype of the returned model.
+    param_dtype: dtype of the returned params.
+    ignore: regexes of checkpoint keys to drop deliberately (see `Family.torch_to_flax`).
+    **config_overrides: replace config fields (e.g. `add_pooling_layer=False` for a BERT
+      checkpoint saved without its pooler).
+
+  Returns:
+    `(model, params, config)`; run with `model.apply({'params': params}, input_ids, ...)`.
+  """
+  hf = read_hf_config(model_dir)
+  family = get_family(hf['model_type'])
+  config = family.config_from_hf(hf, **config_overrides)
+  params = family.torch_to_flax(
+      load_state_dict(model_dir), config, param_dtype=param_dtype, ignore=ignore)
+  return family.flax_model(config, dtype=dtype, param_dtype=param_dtype), params, config
+
+
+def family_of(config: Any) -> Family:
+  for name in ('bert', 'llama', 'gpt2'):
+    family = get_family(name)
+    if isinstance(config, family.config_class):
+      return family
+  raise TypeError(f'config must be a BertConfig, LlamaConfig or GPT2Config, got {type(config).__name__}.')
+
+
+def save_pretrained(
+    model_dir: str | os.PathLike,
+    params: Mapping[str, Any],
+    config: Any,
+    *,
+    dtype: str | None = None,
+) -> None:
+  """Write `config.json` + `model.safetensors` that `transformers`' `from_pretrained` loads.
+
+  Args:
+    model_dir: output directory (created if needed).
+    params: flax params of the family's model.
+    config: its config; the family follows from its class.
+    dtype: storage dtype name (`'float32'`, `'float16'`, `'bfloat16'`); None keeps the params'.
+
+  A BERT config with `add_pooling_layer=False` writes no pooler; `BertModel.from_pretrained` then
+  initialises a random one (and says so), so pass `add_pooling_layer=False` there too.
+  """
+  family = family_of(config)
+  state_dict = family.flax_to_torch(params, config)
+  os.makedirs(model_dir, exist_ok=True)
+  hf = family.config_class.to_hf(config)
+  if dtype is not None:
+    hf['dtype'] = dtype
+  with open(os.path.join(model_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=2, sort_keys=True)
+  save_safetensors(state_dict, os.path.join(model_dir, 'model.safetensors'), dtype=dtype)

@@ -1,0 +1,200 @@
+"""GPT-2 in linen, parameter-for-parameter the Hugging Face `GPT2LMHeadModel`.
+
+Module paths mirror the PyTorch ones: flax `transformer/h_0/attn/c_attn` is torch
+`transformer.h.0.attn.c_attn`. HF's `Conv1D` stores its weight as `[in, out]`, which is already
+the layout of an `nn.Dense` kernel, and `c_attn` stays one fused Dense of `3 * n_embd` features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from flax_adapters.models import hf_config
+from flax_adapters.models.layers import Dtype, activation, dot_product_attention, padding_mask
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  """Architecture of a GPT-2 model; field names and defaults are those of HF `GPT2Config`.
+
+  Examples:
+    >>> GPT2Config.from_hf({'model_type': 'gpt2', 'n_embd': 64, 'n_layer': 2, 'n_head': 4}).head_dim
+    16
+  """
+
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  n_inner: int | None = None
+  activation_function: str = 'gelu_new'
+  resid_pdrop: float = 0.1
+  embd_pdrop: float = 0.1
+  attn_pdrop: float = 0.1
+  layer_norm_epsilon: float = 1e-5
+  scale_attn_weights: bool = True
+  scale_attn_by_inverse_layer_idx: bool = False
+  tie_word_embeddings: bool = True
+
+  def __post_init__(self):
+    hf_config.check_positive(self, 'vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head')
+    hf_config.check_divides(self, 'n_embd', 'n_head')
+    hf_config.check_probability(self, 'resid_pdrop', 'embd_pdrop', 'attn_pdrop')
+    activation(self.activation_function, field='activation_function')
+    if self.n_inner is not None:
+      hf_config.check_positive(self, 'n_inner')
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+  @property
+  def inner_dim(self) -> int:
+    return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+  @classmethod
+  def from_hf(cls, config: Any, **overrides: Any) -> GPT2Config:
+    """From an HF GPT-2 `config.json` dict (or `PretrainedConfig`); `overrides` replace fields."""
+    hf = hf_config.as_dict(config, argument='config')
+    hf_config.refuse(hf, 'add_cross_attention', (False,), 'encoder-decoder GPT-2 is not implemented')
+    return cls(**{**hf_config.known_fields(cls, hf, 'gpt2'), **overrides})
+
+  def to_hf(self) -> dict[str, Any]:
+    """The HF `config.json` dict of this architecture (for `GPT2LMHeadModel`)."""
+    return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], **dataclasses.asdict(self)}
+
+
+class GPT2Attention(nn.Module):
+  config: GPT2Config
+  layer_idx: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):
+    cfg = self.config
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    batch, length, _ = x.shape
+    qkv = dense(3 * cfg.n_embd, 'c_attn')(x)
+    qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+    if cfg.scale_attn_by_inverse_layer_idx:
+      scale /= float(self.layer_idx + 1)
+    use_dropout = not deterministic and cfg.attn_pdrop > 0
+    y = dot_product_attention(
+        q, k, v, scale=scale, mask=mask, is_causal=True,
+        dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng('dropout') if use_dropout else None)
+    y = dense(cfg.n_embd, 'c_proj')(y.reshape(batch, length, cfg.n_embd))
+    return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
+
+
+class GPT2MLP(nn.Module):
+  config: GPT2Config
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.config
+    x = nn.Dense(cfg.inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='c_fc')(x)
+    x = activation(cfg.activation_function)(x)
+    x = nn.Dense(cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype, name='c_proj')(x)
+    return nn.Dropout(cfg.resid_pdrop)(x, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+  config: GPT2Config
+  layer_idx: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, mask, deterministic: bool):
+    cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    norm = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, name=name, **kw)
+    x = x + GPT2Attention(cfg, self.layer_idx, name='attn', **kw)(norm('ln_1')(x), mask, deterministic)
+    return x + GPT2MLP(cfg, name='mlp', **kw)(norm('ln_2')(x), deterministic)
+
+
+class GPT2Model(nn.Module):
+  """The GPT-2 trunk (HF `GPT2Model`): embeddings, blocks `h_0 ... h_{n-1}`, final `ln_f`.
+
+  Returns the final hidden states `[batch, length, n_embd]`.
+  """
+
+  config: GPT2Config
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init = nn.initializers.normal(0.02)
+    self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init, **kw)
+    self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, **kw)
+    self.drop = nn.Dropout(cfg.embd_pdrop)
+    self.h = [GPT2Block(cfg, i, **kw) for i in range(cfg.n_layer)]
+    self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, **kw)
+
+  def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
+    if position_ids is None:
+      position_ids = jnp.arange(input_ids.shape[-1])[None]
+    x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=deterministic)
+    mask = padding_mask(attention_mask)
+    for block in self.h:
+      x = block(x, mask, deterministic)
+    return self.ln_f(x)
+
+
+class GPT2LMHeadModel(nn.Module):
+  """GPT-2 with its language-model head (HF `GPT2LMHeadModel`).
+
+  With `config.tie_word_embeddings` (GPT-2's default) the head is `transformer.wte.attend`, so there
+  is no `lm_head` parameter; otherwise `lm_head` is a bias-free Dense.
+
+  Attributes:
+    config: the architecture.
+    dtype: computation dtype (e.g. `jnp.bfloat16`); logits come out in it.
+    param_dtype: dtype of the parameters created by `init`.
+
+  Examples:
+    >>> cfg = GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    >>> model = GPT2LMHeadModel(cfg)
+    >>> ids = jnp.array([[1, 2, 3]])
+    >>> params = model.init(jax.random.key(0), ids)['params']
+    >>> sorted(params['transformer']['h_0']['attn'])
+    ['c_attn', 'c_proj']
+    >>> model.apply({'params': params}, ids).shape
+    (1, 3, 32)
+  """
+
+  config: GPT2Config
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def setup(self):
+    self.transformer = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
+    if not self.config.tie_word_embeddings:
+      self.lm_head = nn.Dense(
+          self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+
+  def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
+    """Logits `[batch, length, vocab_size]` for `input_ids` `[batch, length]`.
+
+    Args:
+      input_ids: int token ids.
+      attention_mask: optional `[batch, length]`, 1 for real tokens, 0 for padding.
+      position_ids: optional `[batch, length]`; defaults to `0 .. length-1`.
+      deterministic: False applies dropout (needs the `'dropout'` rng).
+    """
+    h = self.transformer(input_ids, attention_mask, position_ids, deterministic=deterministic)
+    if self.config.tie_word_embeddings:
+      return self.transformer.wte.attend(h)
+    return self.lm_head(h)

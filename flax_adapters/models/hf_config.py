@@ -1,0 +1,68 @@
+"""Reading Hugging Face `config.json` dictionaries into our frozen config dataclasses.
+
+Only plain dictionaries are read (an HF `PretrainedConfig` works through its `to_dict()`), so
+`flax_adapters` never imports `transformers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+
+def as_dict(hf_config: Any, *, argument: str = 'hf_config') -> dict[str, Any]:
+  """A config dictionary from a mapping or an object with `to_dict()` (an HF `PretrainedConfig`)."""
+  if isinstance(hf_config, Mapping):
+    return dict(hf_config)
+  to_dict = getattr(hf_config, 'to_dict', None)
+  if callable(to_dict):
+    return dict(to_dict())
+  raise TypeError(
+      f'{argument} must be a dict read from config.json (or an object with .to_dict()), '
+      f'got {type(hf_config).__name__}.'
+  )
+
+
+def known_fields(cls: type, hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+  """The entries of `hf` that are fields of dataclass `cls`, after checking `model_type`.
+
+  HF configs carry many entries that do not affect the forward pass (token ids, generation
+  settings, label maps); those are not fields and are left out.
+  """
+  found = hf.get('model_type', model_type)
+  if found != model_type:
+    raise ValueError(
+        f"config model_type is {found!r}, but {cls.__name__} reads {model_type!r} configs; "
+        f'use the config class of the {found!r} family.'
+    )
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {k: v for k, v in hf.items() if k in names}
+
+
+def refuse(hf: Mapping[str, Any], key: str, allowed: tuple, why: str) -> None:
+  """Raise unless `hf[key]` (when present) is one of `allowed`."""
+  if key in hf and hf[key] not in allowed:
+    raise ValueError(f'config {key}={hf[key]!r} is not supported ({why}); expected one of {allowed}.')
+
+
+def check_positive(config: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise ValueError(f'{type(config).__name__}.{name} must be a positive int, got {value!r}.')
+
+
+def check_divides(config: Any, numerator: str, denominator: str) -> None:
+  n, d = getattr(config, numerator), getattr(config, denominator)
+  if n % d:
+    raise ValueError(
+        f'{type(config).__name__}.{numerator}={n} must be divisible by {denominator}={d}.'
+    )
+
+
+def check_probability(config: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not 0.0 <= value < 1.0:
+      raise ValueError(f'{type(config).__name__}.{name} must be in [0, 1), got {value!r}.')

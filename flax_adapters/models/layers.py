@@ -1,0 +1,148 @@
+"""Building blocks shared by the model families: activations, RMSNorm and attention.
+
+Everything here reproduces the numerics of the corresponding Hugging Face PyTorch code, so that a
+converted checkpoint gives the same outputs (to float32 rounding) as `transformers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = jnp.dtype | type
+
+
+def _gelu_exact(x):
+  return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+# Names as `transformers.activations.ACT2FN` spells them.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    'gelu': _gelu_exact,
+    'gelu_new': _gelu_tanh,
+    'gelu_pytorch_tanh': _gelu_tanh,
+    'gelu_fast': _gelu_tanh,
+    'relu': jax.nn.relu,
+    'silu': jax.nn.silu,
+    'swish': jax.nn.silu,
+    'tanh': jnp.tanh,
+}
+
+
+def activation(name: str, *, field: str = 'hidden_act') -> Callable[[jax.Array], jax.Array]:
+  """The activation function that `transformers` calls `name`.
+
+  Examples:
+    >>> float(activation('relu')(jnp.array(-1.0)))
+    0.0
+  """
+  try:
+    return ACTIVATIONS[name]
+  except KeyError:
+    raise ValueError(
+        f'{field}={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}. '
+        'Add it to flax_adapters.models.layers.ACTIVATIONS if it is a pointwise function.'
+    ) from None
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation exactly as HF `LlamaRMSNorm`: statistics in float32, the result cast back
+  to the input dtype before the weight multiply.
+
+  Attributes:
+    eps: added to the mean square.
+    dtype: computation dtype of the output.
+    param_dtype: dtype of the `scale` parameter.
+
+  Examples:
+    >>> y, _ = RMSNorm(eps=1e-6).init_with_output(jax.random.key(0), jnp.array([[3.0, 4.0]]))
+    >>> y.round(3).tolist()
+    [[0.849, 1.131]]
+  """
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
+    return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+def padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
+  """`[batch, kv_len]` 1/0 mask -> boolean `[batch, 1, 1, kv_len]`, broadcastable over heads/queries."""
+  if attention_mask is None:
+    return None
+  return (jnp.asarray(attention_mask) != 0)[:, None, None, :]
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+  """Multi-head attention over `[batch, len, heads, head_dim]` arrays, grouped-query aware.
+
+  `key`/`value` may have fewer heads than `query` (a divisor of it), as in grouped-query attention.
+  Softmax runs in float32, as in HF's eager and SDPA paths. Without dropout this is
+  `jax.nn.dot_product_attention` (fused kernels where the backend has them); with dropout on the
+  probabilities (training) it is the same computation written out, since that function has no
+  dropout.
+
+  Args:
+    query: `[B, T, N, H]`.
+    key: `[B, S, K, H]` with `N % K == 0`.
+    value: `[B, S, K, H]`.
+    scale: multiplies the logits (usually `H ** -0.5`).
+    mask: boolean, broadcastable to `[B, 1, T, S]`; False blocks attention.
+    is_causal: also block keys after the query position.
+    dropout_rate: dropout on the attention probabilities.
+    dropout_rng: PRNG key for that dropout; None means deterministic.
+
+  Returns:
+    `[B, T, N, H]`.
+
+  Examples:
+    >>> q = k = v = jnp.ones((1, 3, 4, 2))
+    >>> dot_product_attention(q, k[:, :, :2], v[:, :, :2], scale=2 ** -0.5, is_causal=True).shape
+    (1, 3, 4, 2)
+  """
+  if dropout_rng is None or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=is_causal)
+
+  batch, q_len, num_heads, head_dim = query.shape
+  kv_len, num_kv_heads = key.shape[1], key.shape[2]
+  groups = num_heads // num_kv_heads
+  # Heads sharing a key/value head are a separate axis, so no copy of K/V is made.
+  grouped = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
+  logits = jnp.einsum('btkgh,bskh->bkgts', grouped, key, preferred_element_type=jnp.float32)
+  logits = logits * scale
+  allowed = jnp.ones((q_len, kv_len), dtype=bool)
+  if is_causal:
+    allowed = jnp.tril(allowed)
+  allowed = allowed[None, None, None]
+  if mask is not None:
+    allowed = allowed & mask[:, :, None]  # [B, 1, 1, T|1, S]
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, value)
+  return out.reshape(batch, q_len, num_heads, head_dim)

@@ -1,0 +1,25 @@
+"""`flax-adapters-convert` round trip: HF dir -> flax msgpack -> HF dir, weights unchanged."""
+
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import load_file
+
+from conversion.cli import main
+
+
+def test_round_trip_through_flax_files(tmp_path, capsys):
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0))
+  hf.save_pretrained(tmp_path / 'hf')
+  assert main(['to-flax', str(tmp_path / 'hf'), str(tmp_path / 'flax')]) == 0
+  assert main(['to-torch', str(tmp_path / 'flax'), str(tmp_path / 'back')]) == 0
+  back = load_file(tmp_path / 'back' / 'model.safetensors')
+  for key, value in hf.state_dict().items():
+    np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+  reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'back')
+  assert reloaded.config.n_embd == 32
+
+  assert main(['to-torch', str(tmp_path / 'hf'), str(tmp_path / 'x')]) == 1
+  assert 'has no flax_params.msgpack' in capsys.readouterr().err

@@ -5,18 +5,15 @@ shardings the adapter leaves and optimizer state ended up with.
 """
 
 import json
-import os
 
-assert 'xla_force_host_platform_device_count=8' in os.environ.get('XLA_FLAGS', '')
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+from jax.sharding import AxisType, PartitionSpec as P
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
-from flax import traverse_util  # noqa: E402
-from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
-
-import flax_adapters as fa  # noqa: E402
-from tests.core import testnet as net  # noqa: E402
+import flax_adapters as fa
+from tests.core import testnet as net
 
 STEPS = 5
 
@@ -40,6 +37,8 @@ def base_spec(path, leaf):
 
 
 def main():
+  if jax.device_count() != 8:
+    raise SystemExit('run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
   model, params, _ = net.make()
   x = jax.random.normal(jax.random.key(3), (8, net.L, net.C_IN))
   target = jax.tree.map(lambda o: jax.random.normal(jax.random.key(4), o.shape), model.apply({'params': params}, x))

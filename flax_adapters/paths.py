@@ -33,6 +33,23 @@ def dotted(path: Sequence[str]) -> str:
   return '.'.join(segment_name(str(p)) for p in path)
 
 
+def spellings(path: Sequence[str], limit: int = 64) -> list[str]:
+  """Every dotted spelling of `path`, each `name_N` segment read both as `name.N` and as `name_N`.
+
+  Linen names list items `blocks_0`, but a PyTorch module can be called `ln_1` itself (GPT-2), so
+  a target written either way matches. The canonical spelling (all `name.N`) comes first.
+
+  Examples:
+    >>> spellings(('h_0', 'ln_1'))
+    ['h.0.ln.1', 'h.0.ln_1', 'h_0.ln.1', 'h_0.ln_1']
+  """
+  options = [[segment_name(str(p)), str(p)] if segment_name(str(p)) != str(p) else [str(p)] for p in path]
+  out = ['']
+  for opts in options:
+    out = [f'{o}.{s}' if o else s for o in out for s in opts][:limit]
+  return out
+
+
 def raw(path: Sequence[str]) -> str:
   """The path as linen writes it, joined with '/': `'encoder/down_blocks_4/conv1'`."""
   return '/'.join(str(p) for p in path)
@@ -53,7 +70,8 @@ def matches(target, path: Sequence[str]) -> bool:
   """Whether `target` selects the module at `path`.
 
   A plain string is a substring of the dotted path (or of the raw '/'-joined linen path);
-  `'re:<regex>'` and compiled patterns must match the whole dotted path.
+  `'re:<regex>'` and compiled patterns must match the whole dotted path. Segments like `ln_1`
+  may be spelled either way (see `spellings`).
 
   Examples:
     >>> matches('q_proj', ('tower', 'blocks_0', 'mha', 'q_proj'))
@@ -62,13 +80,16 @@ def matches(target, path: Sequence[str]) -> bool:
     False
     >>> matches(r're:.*\\.mha\\.(q|v)_proj', ('tower', 'blocks_0', 'mha', 'v_proj'))
     True
+    >>> matches(r're:transformer\\.h\\.\\d+\\.ln_1', ('transformer', 'h_3', 'ln_1'))
+    True
   """
-  name = dotted(path)
+  names = spellings(path)
   if isinstance(target, re.Pattern):
-    return target.fullmatch(name) is not None
+    return any(target.fullmatch(n) is not None for n in names)
   if target.startswith('re:'):
-    return re.fullmatch(target[3:], name) is not None
-  return _substring_matches(target, name) or _substring_matches(target, raw(path))
+    pattern = re.compile(target[3:])
+    return any(pattern.fullmatch(n) is not None for n in names)
+  return any(_substring_matches(target, n) for n in names) or _substring_matches(target, raw(path))
 
 
 def near_misses(target, paths: Iterable[Sequence[str]], n: int = 5) -> list[str]:

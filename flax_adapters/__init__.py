@@ -7,7 +7,7 @@ from flax_adapters.merge import materialize, merge_adapters
 from flax_adapters.methods import IA3, IA3FF, AdapterError, Houlsby, Locon, LoRA
 from flax_adapters.sharding import named_shardings, optimizer_shardings, partition_specs, shard_params
 from flax_adapters.summary import ParamSummary, param_summary
-from flax_adapters.surgery import prepare_for_transfer, prepare_params
+from flax_adapters.surgery import adapt, prepare_for_transfer, prepare_params
 from flax_adapters.tracing import Site, trace_model
 from flax_adapters.training import combine, partition, trainable_mask, transfer_optimizer
 
@@ -26,6 +26,7 @@ __all__ = [
     'SitePlan',
     'Trainable',
     'TransferConfig',
+    'adapt',
     'combine',
     'load_adapters',
     'read_meta',

@@ -165,24 +165,33 @@ def _fresh_heads(model, names, rng, args, kwargs):
 _LINEAR_OR_CONV = LINEAR_KINDS + ('conv',)
 
 
+def _kinds_for(method: Method) -> tuple[tuple[str, ...], bool]:
+  """The module kinds a method can adapt, and whether it takes the topmost match only (blocks)."""
+  if isinstance(method, LoRA):
+    return LINEAR_KINDS, False
+  if isinstance(method, Locon):
+    return ('conv',), False
+  if isinstance(method, Houlsby):
+    return (('block',), True) if method.placement == 'block' else (LINEAR_KINDS, False)
+  return _LINEAR_OR_CONV, False
+
+
 def _requests(config: TransferConfig):
-  """(method, targets, kinds it applies to, 'topmost' rule) for each adapter the config asks for."""
+  """(method, targets, argument name) for each adapter the config asks for."""
   modes = config.adapter_modes
   out = []
   if 'lora' in modes:
     out.append((LoRA(rank=config.lora_rank, alpha=config.lora_alpha, use_rslora=config.use_rslora),
-                config.lora_targets, 'lora_targets', LINEAR_KINDS, False))
+                config.lora_targets, 'lora_targets'))
   if 'locon' in modes:
-    out.append((Locon(rank=config.locon_rank, alpha=config.locon_alpha), config.locon_targets,
-                'locon_targets', ('conv',), False))
+    out.append((Locon(rank=config.locon_rank, alpha=config.locon_alpha), config.locon_targets, 'locon_targets'))
   if 'ia3' in modes:
-    out.append((IA3(), config.ia3_targets, 'ia3_targets', _LINEAR_OR_CONV, False))
-    out.append((IA3FF(), config.ia3_ff_targets, 'ia3_ff_targets', _LINEAR_OR_CONV, False))
+    out.append((IA3(), config.ia3_targets, 'ia3_targets'))
+    out.append((IA3FF(), config.ia3_ff_targets, 'ia3_ff_targets'))
   if 'houlsby' in modes:
-    block = config.houlsby_placement == 'block'
     method = Houlsby(latent_dim=config.houlsby_latent_dim, placement=config.houlsby_placement,
                      activation=config.houlsby_activation, init_scheme=config.houlsby_init)
-    out.append((method, config.houlsby_targets, 'houlsby_targets', ('block',) if block else LINEAR_KINDS, block))
+    out.append((method, config.houlsby_targets, 'houlsby_targets'))
   return out
 
 
@@ -205,10 +214,15 @@ def select(sites: Mapping[Path, Site], target, argument: str, kinds=None, topmos
   return _topmost(matched) if topmost else matched
 
 
-def place_adapters(sites: Mapping[Path, Site], config: TransferConfig) -> dict[Path, list[Method]]:
-  """Which adapters go on which module, every placement checked."""
+def place_adapters(sites: Mapping[Path, Site], requests) -> dict[Path, list[Method]]:
+  """Which adapters go on which module, every placement checked.
+
+  `requests` is a sequence of `(method, targets, argument_name)`; the argument name is what error
+  messages blame.
+  """
   placed: dict[Path, dict[str, tuple[Method, Any]]] = {}
-  for method, targets, argument, kinds, topmost in _requests(config):
+  for method, targets, argument in requests:
+    kinds, topmost = _kinds_for(method)
     for target in targets:
       every = select(sites, target, argument)
       fitting = select(sites, target, argument, kinds, topmost)
@@ -230,9 +244,9 @@ def place_adapters(sites: Mapping[Path, Site], config: TransferConfig) -> dict[P
   return {path: list(sort_methods(m for m, _ in entries.values())) for path, entries in placed.items()}
 
 
-def _adapter_dtype(config: TransferConfig, site: Site, params: Mapping, path: Path):
-  if config.adapter_dtype is not None:
-    return jnp.dtype(config.adapter_dtype)
+def _adapter_dtype(adapter_dtype, site: Site, params: Mapping, path: Path):
+  if adapter_dtype is not None:
+    return jnp.dtype(adapter_dtype)
   dtype = site.kernel_dtype
   if dtype is None:
     leaves = [v for v in jax.tree.leaves(get_subtree(params, path)) if jnp.issubdtype(v.dtype, jnp.floating)]
@@ -240,7 +254,7 @@ def _adapter_dtype(config: TransferConfig, site: Site, params: Mapping, path: Pa
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def add_adapter_leaves(params, placement: Mapping[Path, list[Method]], sites: Mapping[Path, Site], config, rng):
+def add_adapter_leaves(params, placement: Mapping[Path, list[Method]], sites: Mapping[Path, Site], adapter_dtype, rng):
   """`params` with each placed adapter's leaves initialised next to the module's own leaves."""
   plan = []
   for i, path in enumerate(sorted(placement, key=paths_lib.dotted)):
@@ -252,7 +266,7 @@ def add_adapter_leaves(params, placement: Mapping[Path, list[Method]], sites: Ma
           f'{site.describe()}: its kernel is {tuple(kernel.shape)} in params but {site.kernel_shape} '
           'inside the module; layers under nn.scan/nn.vmap (stacked kernels) are not supported yet.'
       )
-    dtype = _adapter_dtype(config, site, params, path)
+    dtype = _adapter_dtype(adapter_dtype, site, params, path)
     for j, method in enumerate(placement[path]):
       clash = [n for n in method.leaf_names if n in module_params]
       if clash:
@@ -339,10 +353,67 @@ def prepare_for_transfer(
     params = {**params, HEADS_KEY: {**{h: old_heads[h] for h in kept if h in old_heads}, **fresh}}
     check_params_fit(params, trace.params, argument='params after head surgery')
 
-  placement = place_adapters(trace.sites, config)
-  params, plan = add_adapter_leaves(params, placement, trace.sites, config, adapter_rng)
+  placement = place_adapters(trace.sites, _requests(config))
+  params, plan = add_adapter_leaves(params, placement, trace.sites, config.adapter_dtype, adapter_rng)
   trainable = _trainable(config, trace.sites, params, has_heads)
   return AdaptedModel(base=model, plan=plan, trainable=trainable, config=config), params
+
+
+def adapt(
+    model: nn.Module,
+    params,
+    adapters: Mapping[Any, Method | Sequence[Method]],
+    *example_args,
+    rng: jax.Array | None = None,
+    modules_to_save: Sequence[Any] = (),
+    unfreeze_norm: bool = False,
+    adapter_dtype=None,
+    kinds: Mapping[str, str] | None = None,
+    **example_kwargs,
+) -> tuple[AdaptedModel, Any]:
+  """Place explicit adapter methods on the modules that targets match: the layer below the config.
+
+  Use it for what a `TransferConfig` cannot say, such as a different rank per layer (PEFT's
+  `rank_pattern`), or a method's own options. `adapters` maps a target (substring, `'re:...'` or
+  compiled regex) to a method or a list of methods. Returns `(adapted_model, params)` like
+  `prepare_for_transfer`; head surgery is `prepare_for_transfer`'s job.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> import flax_adapters as fa
+    >>> class Net(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.Dense(2, name='out')(nn.Dense(8, name='q_proj')(x) + nn.Dense(8, name='v_proj')(x))
+    >>> x = jnp.ones((1, 4))
+    >>> params = Net().init(jax.random.key(0), x)['params']
+    >>> model, p = fa.adapt(Net(), params, {'q_proj': fa.LoRA(rank=4, alpha=8), 'v_proj': fa.LoRA(rank=2, alpha=8)},
+    ...                     x, modules_to_save=['out'])
+    >>> p['q_proj']['lora_a'].shape, p['v_proj']['lora_a'].shape
+    ((4, 4), (4, 2))
+  """
+  if not isinstance(model, nn.Module):
+    raise TypeError(f'`model` must be a flax.linen Module, found {type(model).__name__}.')
+  if not isinstance(adapters, Mapping):
+    raise TypeError(f"`adapters` must map targets to methods, e.g. {{'q_proj': LoRA(rank=8)}}; found {type(adapters).__name__}.")
+  requests = []
+  for target, methods in adapters.items():
+    methods = (methods,) if isinstance(methods, Method) else tuple(methods)
+    for m in methods:
+      if not isinstance(m, Method):
+        raise TypeError(f'`adapters[{target!r}]` must be adapter methods (LoRA, IA3, ...), found {m!r}.')
+      requests.append((m, (target,), f'adapters[{paths_lib.describe_target(target)!r}]'))
+  trace = trace_model(model, *example_args, kinds=kinds, **example_kwargs)
+  check_params_fit(params, trace.params)
+  placement = place_adapters(trace.sites, requests)
+  params, plan = add_adapter_leaves(params, placement, trace.sites, adapter_dtype, jax.random.key(0) if rng is None else rng)
+  others = []
+  for target in modules_to_save:
+    others += select(trace.sites, target, 'modules_to_save', topmost=True)
+  norms = tuple(p for p, s in trace.sites.items() if s.kind == 'norm' and s.leaves) if unfreeze_norm else ()
+  heads = ((HEADS_KEY,),) if model_heads(model) is not None and HEADS_KEY in params else ()
+  trainable = Trainable(heads=heads, norms=norms, others=tuple(_topmost(others)))
+  return AdaptedModel(base=model, plan=plan, trainable=trainable, config=None), params
 
 
 def sites_from_params(params, kinds: Mapping[str, Any] | None = None) -> dict[Path, Site]:
@@ -441,7 +512,7 @@ def prepare_params(params, config: TransferConfig, *, rng=None, kinds=None) -> t
     raise ValueError('head surgery needs a linen model with a `heads` field; use prepare_for_transfer.')
   sites = sites_from_params(params, kinds)
   rng = jax.random.key(0) if rng is None else rng
-  placement = place_adapters(sites, config)
-  params, plan = add_adapter_leaves(params, placement, sites, config, rng)
+  placement = place_adapters(sites, _requests(config))
+  params, plan = add_adapter_leaves(params, placement, sites, config.adapter_dtype, rng)
   trainable = _trainable(config, sites, params, has_heads=False)
   return AdaptedModel(base=None, plan=plan, trainable=trainable, config=config), params

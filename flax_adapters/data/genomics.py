@@ -278,7 +278,9 @@ def _smooth(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   length, k = x.shape[-1], kernel.shape[0]
   size = length + k - 1
   nfft = 1 << (size - 1).bit_length()
-  y = np.fft.irfft(np.fft.rfft(x, nfft) * np.fft.rfft(kernel, nfft), nfft)
+  # float32 FFTs (complex64) are twice as fast as float64 and ample for coverage values.
+  y = np.fft.irfft(np.fft.rfft(x.astype(np.float32), nfft)
+                   * np.fft.rfft(kernel.astype(np.float32), nfft), nfft)
   half = k // 2
   return y[..., half:half + length]
 
@@ -466,7 +468,7 @@ class GenomicsTask:
         raise ValueError(f'sites: expected one list per sequence (n={n}), found {len(sites)}.')
       all_sites = [self._check_sites(i, s) for i, s in enumerate(sites)]
     names = list(self.motifs)
-    impulses = np.zeros((n, len(names), L))
+    impulses = np.zeros((n, len(names), L), np.float32)
     pwms = {m: motif.pwm() for m, motif in self.motifs.items()}
     for i, seq_sites in enumerate(all_sites):
       for site in seq_sites:
@@ -526,17 +528,17 @@ class GenomicsTask:
     T = spec.num_tracks
     gains = self._gains[name]
     imp = lambda m: impulses[:, names.index(m)]
-    drive = np.zeros((n, T, L))
+    drive = np.zeros((n, T, L), np.float32)
     for m, w in spec.weights.items():
-      drive += w * gains['weights'][m][None, :, None] * imp(m)[:, None]
+      drive += (w * gains['weights'][m]).astype(np.float32)[None, :, None] * imp(m)[:, None]
     for (a, b, window, w), g in zip(spec.cooperative, gains['cooperative']):
       near_b = _smooth(imp(b), np.ones(2 * int(window) + 1)) > 0.5
-      drive += w * g[None, :, None] * (imp(a) * near_b)[:, None]
+      drive += (w * g).astype(np.float32)[None, :, None] * (imp(a) * near_b)[:, None]
     rate = spec.baseline + _smooth(drive, _profile(spec.profile, spec.width, L))
     if spec.repressors:
-      repress = np.zeros((n, T, L))
+      repress = np.zeros((n, T, L), np.float32)
       for m, s in spec.repressors.items():
-        repress += s * gains['repressors'][m][None, :, None] * imp(m)[:, None]
+        repress += (s * gains['repressors'][m]).astype(np.float32)[None, :, None] * imp(m)[:, None]
       rate = rate * np.exp(-_smooth(repress, _profile('gaussian', spec.repress_width, L)))
     return np.maximum(rate, 0.0).transpose(0, 2, 1)
 

@@ -43,8 +43,9 @@ pooled by the modality's factor first (`chip_histone` marks are broad: 2x coarse
 Examples:
   >>> import jax, jax.numpy as jnp
   >>> config = Seq2FuncConfig.tiny()
-  >>> model = Seq2Func(config, heads={'atac': {'modality': 'atac', 'num_tracks': 2},
-  ...                                 'chip_histone': {'modality': 'chip_histone', 'num_tracks': 1}})
+  >>> heads = {'atac': {'modality': 'atac', 'num_tracks': 2},
+  ...          'chip_histone': {'modality': 'chip_histone', 'num_tracks': 1}}
+  >>> model = Seq2Func(config, heads=heads)
   >>> params = model.init(jax.random.key(0), model.dummy_input())['params']
   >>> out = model.apply({'params': params}, jnp.zeros((3, config.seq_len, 4)))
   >>> {name: y.shape for name, y in out.items()}
@@ -195,12 +196,12 @@ class Seq2FuncConfig:
 
   @classmethod
   def tiny(cls, **changes) -> Seq2FuncConfig:
-    """For tests: 128 bp in, 16 bp bins, 2 transformer blocks of width 32 (~40k params)."""
+    """For tests: 128 bp in, 16 bp bins, 2 transformer blocks of width 32 (~45k params)."""
     return cls(**changes)
 
   @classmethod
   def small(cls, **changes) -> Seq2FuncConfig:
-    """For CPU demos: 1024 bp in, 32 bp bins, 2 transformer blocks of width 64 (~220k params)."""
+    """For CPU demos: 1024 bp in, 32 bp bins, 2 transformer blocks of width 64 (~180k params)."""
     return cls(**{**dict(
         seq_len=1024,
         stem_channels=24,

@@ -51,7 +51,7 @@ def random_dna(key, batch, length):
 @pytest.fixture(scope='module')
 def tiny():
   model = Seq2Func(TINY)
-  variables = model.init(jax.random.key(0), model.dummy_input())
+  variables = jax.jit(model.init)(jax.random.key(0), model.dummy_input())
   return model, variables
 
 
@@ -74,8 +74,8 @@ def test_output_shapes_and_values(tiny):
 
 def test_chip_histone_head_is_twice_coarser():
   model = Seq2Func(TINY, heads=NEW_HEADS)
-  v = model.init(jax.random.key(0), model.dummy_input())
-  out = model.apply(v, model.dummy_input(2))
+  v = jax.jit(model.init)(jax.random.key(0), model.dummy_input())
+  out = jax.jit(model.apply)(v, model.dummy_input(2))
   assert out['my_atac'].shape == (2, 8, 4)
   assert out['my_hist'].shape == (2, 4, 3)
   assert model.bin_sizes() == {'my_atac': 16, 'my_hist': 32}
@@ -235,17 +235,17 @@ def test_float64_under_x64():
   with jax.enable_x64(True):
     model = Seq2Func(TINY, param_dtype=jnp.float64)
     x = random_dna(jax.random.key(4), 2, TINY.seq_len).astype(jnp.float64)
-    v = model.init(jax.random.key(0), x)
+    v = jax.jit(model.init)(jax.random.key(0), x)
     assert {a.dtype for a in jax.tree.leaves(v)} == {jnp.dtype('float64')}
-    out = model.apply(v, x)
+    out = jax.jit(model.apply)(v, x)
     assert {y.dtype for y in out.values()} == {jnp.dtype('float64')}
 
 
 def test_bfloat16_compute_close_to_float32(tiny):
   model, variables = tiny
   x = random_dna(jax.random.key(5), 4, TINY.seq_len)
-  ref = model.apply(variables, x)
-  out = model.clone(dtype=jnp.bfloat16).apply(variables, x)
+  ref = jax.jit(model.apply)(variables, x)
+  out = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
   for k in ref:
     assert out[k].dtype == jnp.float32  # softplus output is at least float32
     # bf16 has an 8-bit mantissa; through ~20 layers we allow 5% of the output scale.
@@ -311,7 +311,8 @@ def test_standardized_conv_is_an_unmergeable_conv():
   conv = StandardizedConv1D(features=3, kernel_size=(5,))
   assert conv.adapter_mergeable is False and 'adapter_mergeable' not in conv.__dataclass_fields__
   with pytest.raises(ValueError, match='one spatial dimension'):
-    StandardizedConv1D(features=3, kernel_size=(3, 3)).init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
+    StandardizedConv1D(features=3, kernel_size=(3, 3)).init(
+        jax.random.key(0), jnp.ones((1, 8, 8, 2)))
 
 
 def test_standardized_conv_ignores_per_channel_offsets_and_scales():
@@ -361,7 +362,7 @@ def test_rotary_depends_on_relative_position_only():
   assert np.ptp(np.diagonal(logits, 0)) < 1e-4 and abs(logits[0, 0] - logits[0, 5]) > 1e-3
 
 
-# ------------------------------------------------------------------------------------- speed/training
+# ------------------------------------------------------------------------------- speed/training
 
 
 def test_tiny_forward_is_fast_after_jit(tiny):

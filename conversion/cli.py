@@ -67,6 +67,8 @@ def import_peft_cmd(peft_dir: str, base_dir: str, out_dir: str, overwrite: bool 
   from conversion.peft import import_peft  # pylint: disable=g-import-not-at-top
   from flax_adapters.checkpoint import save_adapters  # pylint: disable=g-import-not-at-top
 
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir!r} exists; pass --overwrite to replace it.')
   model, params, config = load_base(base_dir)
   adapted, params = import_peft(peft_dir, model, params, config=config)
   return save_adapters(out_dir, adapted, params, overwrite=overwrite)

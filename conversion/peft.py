@@ -109,9 +109,10 @@ _NEUTRAL_LORA = (
 # Fields read and honoured, or informational only.
 _KNOWN = {
     'common': ('peft_type', 'task_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path', 'revision',
-               'inference_mode', 'target_modules', 'exclude_modules', 'fan_in_fan_out', 'modules_to_save',
-               'layers_to_transform', 'layers_pattern'),
-    'LORA': ('r', 'lora_alpha', 'lora_dropout', 'bias', 'use_rslora', 'init_lora_weights', 'rank_pattern',
+               'inference_mode', 'target_modules', 'exclude_modules', 'fan_in_fan_out', 'modules_to_save'),
+    # (IA3Config has no layers_to_transform: PEFT ignores it there, so for IA3 it is an unknown option.)
+    'LORA': ('layers_to_transform', 'layers_pattern', 'r', 'lora_alpha', 'lora_dropout', 'bias', 'use_rslora',
+             'init_lora_weights', 'rank_pattern',
              'alpha_pattern', 'megatron_core', 'qalora_group_size', 'runtime_config', 'eva_config',
              'corda_config', 'lora_ga_config', 'ensure_weight_tying'),
     'IA3': ('feedforward_modules', 'init_ia3_weights'),
@@ -167,7 +168,7 @@ class PeftSpec:
       return True
     if not any(name.endswith(f'.{t}') for t in target):
       return False
-    indexes = self.raw.get('layers_to_transform')
+    indexes = self.raw.get('layers_to_transform') if self.peft_type == 'LORA' else None
     if indexes is None or (isinstance(indexes, list) and not indexes):
       return True
     pattern = self.raw.get('layers_pattern')
@@ -223,6 +224,8 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
   """Check an `adapter_config.json` dict: a supported type, no option we cannot honour exactly."""
   if not isinstance(raw, Mapping):
     raise TypeError(f'{source} must hold a JSON object, found {type(raw).__name__}.')
+  # PEFT's own `to_dict()` holds sets where its JSON holds lists.
+  raw = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in raw.items()}
   peft_type = raw.get('peft_type')
   if peft_type not in SUPPORTED_TYPES:
     raise ValueError(
@@ -741,8 +744,6 @@ def export_peft(
       'exclude_modules': None,
       'fan_in_fan_out': any(mm.kind[t] == 'conv1d' for t in targets),
       'modules_to_save': sorted(saved) or None,
-      'layers_to_transform': None,
-      'layers_pattern': None,
   }
   by_path = {e.site.path: e for e in model.plan}
   if peft_type == 'LORA':
@@ -758,6 +759,7 @@ def export_peft(
         'rank_pattern': {t: int(m.rank) for t, m in loras.items() if m.rank != r},
         'alpha_pattern': {t: _number(a) for t, a in alphas.items() if a != alpha},
         'lora_dropout': 0.0, 'bias': 'none', 'init_lora_weights': True, 'use_dora': False, 'lora_bias': False,
+        'layers_to_transform': None, 'layers_pattern': None,
     })
     for t, path in targets.items():
       leaves = get_subtree(params, path)

@@ -461,10 +461,37 @@ def import_peft(
   tensors = read_peft_weights(adapter_dir)
   mm = module_map(family, config)
   problems = _Problems()
-  headline = (f'Cannot import the PEFT {spec.peft_type} adapter in {os.fspath(adapter_dir)!r} onto '
-              f'{family.model_class.__name__} ({family.hf_class_name} module names):')
+  found, saved_tensors, saved, targeted, their_name = _sort_tensors(spec, tensors, mm, family, problems)
+  shapes = family.param_shapes(config)
+  methods, values = _adapter_values(spec, mm, targeted, found, shapes, problems)
+  base_updates, saved_flax = _saved_values(mm, saved, saved_tensors, their_name, shapes, family, problems)
+  if not methods and not problems.lines:
+    problems.add('empty', f'target_modules={spec.raw.get("target_modules")!r} selects no module of '
+                 f'{family.hf_class_name} that the file adapts.')
+  problems.raise_if_any(f'Cannot import the PEFT {spec.peft_type} adapter in {os.fspath(adapter_dir)!r} onto '
+                        f'{family.model_class.__name__} ({family.hf_class_name} module names):')
 
-  # Group the file's tensors by torch module, in our naming.
+  flat = traverse_util.flatten_dict(params)
+  for path, value in base_updates.items():
+    flat[path] = jnp.asarray(value, dtype=flat[path].dtype)
+  params = traverse_util.unflatten_dict(flat)
+  adapted, params = adapt(model, params, {_escaped(p): m for p, m in methods.items()}, *_example_args(example_args),
+                          rng=rng, modules_to_save=[_escaped(p) for p in saved_flax])
+  flat = traverse_util.flatten_dict(params)
+  for path, leaves in values.items():
+    for name, value in leaves.items():
+      old = flat[path + (name,)]
+      flat[path + (name,)] = jnp.asarray(np.reshape(value, old.shape), dtype=old.dtype)
+  dropout = spec.raw.get('lora_dropout') or 0.0
+  if dropout:
+    warnings.warn(f'{CONFIG_FILE} sets lora_dropout={dropout}: dropout only acts in training and is not '
+                  'applied by the imported model (its forward is the inference forward, as PEFT\'s in eval mode).',
+                  PeftImportWarning, stacklevel=2)
+  return adapted, traverse_util.unflatten_dict(flat)
+
+
+def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, problems: _Problems):
+  """File tensors grouped as adapter tensors per module and modules_to_save tensors; what the config selects."""
   stripped = {}
   for key in tensors:
     if not key.startswith(PREFIX):
@@ -474,66 +501,61 @@ def import_peft(
     stripped[key[len(PREFIX):]] = key
   to_ours, their_name = _naming(family, list(stripped))
 
-  # What the config selects, by PEFT's rules, over the modules torch has.
+  # What the config selects, by PEFT's rules, over the modules torch has (matched in their naming).
   saved = [n for n in mm.names() if their_name(n) is not None and spec.saves(their_name(n))]
   saved = [n for n in saved if not any(n.startswith(s + '.') for s in saved)]
   targeted = {}
   for name in mm.names():
     theirs = their_name(name)
-    if theirs is None or not spec.targets(theirs, mm.kind[name]):
-      continue
-    if any(name == s or name.startswith(s + '.') for s in saved):
-      continue
-    targeted[name] = theirs
+    if theirs is not None and spec.targets(theirs, mm.kind[name]) and not any(
+        name == s or name.startswith(s + '.') for s in saved):
+      targeted[name] = theirs
 
   found: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
   saved_tensors: dict[str, tuple[str, np.ndarray]] = {}
+  model_name = family.model_class.__name__
   for theirs, file_key in stripped.items():
     ours = to_ours(theirs)
     module, suffix = _split_key(ours)
     if suffix in _REFUSED_SUFFIXES:
       problems.add('unsupported', f'{file_key!r}: {_REFUSED_SUFFIXES[suffix]}. Fix: {_MERGE_FIX}.')
-      continue
-    if suffix:
+    elif suffix:
       if module not in mm.kind or mm.kind[module] == 'tied':
+        tied = '; its head is tied to the input embedding' if mm.kind.get(module) == 'tied' else ''
         problems.add('unknown module', f'{file_key!r} adapts target module {module!r} that the flax model lacks '
-                     f'({family.model_class.__name__} has no such layer{"; its head is tied to the input embedding" if mm.kind.get(module) == "tied" else ""}). '
-                     'Fix: load the adapter onto the model class it was made for, or drop this module from target_modules.')
-        continue
-      if (suffix == 'ia3_l') != (spec.peft_type == 'IA3'):
+                     f'({model_name} has no such layer{tied}). Fix: load the adapter onto the model class it was '
+                     'made for, or drop this module from target_modules.')
+      elif (suffix == 'ia3_l') != (spec.peft_type == 'IA3'):
         problems.add('unexpected key', f'{file_key!r} is not a {spec.peft_type} tensor (peft_type={spec.peft_type!r}).')
-        continue
-      if module not in targeted:
+      elif module not in targeted:
         problems.add('unexpected key', f'{file_key!r}: adapter_config.json\'s target_modules='
                      f'{spec.raw.get("target_modules")!r} does not select module {their_name(module) or module!r}, '
                      'so PEFT would not load this tensor. Fix: the config does not describe these weights.')
-        continue
-      found.setdefault(module, {})[suffix] = (file_key, tensors[file_key])
-      continue
-    # A modules_to_save tensor: `<module>.<param>`.
-    owner = next((s for s in saved if ours.startswith(s + '.')), None)
-    if owner is None:
-      module = ours.rsplit('.', 1)[0]
-      if spec.saves(theirs.rsplit('.', 1)[0]) and module not in mm.kind:
-        problems.add('unknown module', f'{file_key!r} belongs to modules_to_save module {module!r}, a target module '
-                     f'{module!r} that the flax model lacks ({family.model_class.__name__} has no such layer). '
-                     'Fix: load the adapter onto the model class it was made for.')
       else:
-        problems.add('unexpected key', f'{file_key!r} is neither a LoRA/IA3 tensor of a targeted module nor part of '
-                     f'a modules_to_save module (modules_to_save={spec.raw.get("modules_to_save")!r}).')
-      continue
-    saved_tensors[ours] = (file_key, tensors[file_key])
+        found.setdefault(module, {})[suffix] = (file_key, tensors[file_key])
+    elif any(ours.startswith(s + '.') for s in saved):
+      saved_tensors[ours] = (file_key, tensors[file_key])
+    elif spec.saves(theirs.rsplit('.', 1)[0]) and ours.rsplit('.', 1)[0] not in mm.kind:
+      problems.add('unknown module', f'{file_key!r} belongs to modules_to_save module {ours.rsplit(".", 1)[0]!r}, a '
+                   f'module that the flax model lacks ({model_name} has no such layer). Fix: load the adapter onto '
+                   'the model class it was made for.')
+    else:
+      problems.add('unexpected key', f'{file_key!r} is neither a LoRA/IA3 tensor of a targeted module nor part of '
+                   f'a modules_to_save module (modules_to_save={spec.raw.get("modules_to_save")!r}).')
+  return found, saved_tensors, saved, targeted, their_name
 
-  # Every selected module must be there, with the shapes the config and the model imply.
-  shapes = family.param_shapes(config)
+
+def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, problems: _Problems):
+  """`{flax module path: method}` and `{flax module path: {leaf: value}}` for every targeted module."""
   methods: dict[tuple[str, ...], Any] = {}
   values: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
   for name, theirs in sorted(targeted.items()):
     kind = mm.kind[name]
     if kind not in ('linear', 'conv1d'):
-      what = {'embedding': 'an embedding', 'norm': 'a norm layer', 'container': 'a container of layers',
-              'tied': 'a head tied to the input embedding'}.get(kind, f'a {kind} layer')
+      # PEFT refuses to adapt anything else, so a container it matched never holds tensors.
       if name in found or kind != 'container':
+        what = {'embedding': 'an embedding', 'norm': 'a norm layer', 'container': 'a container of layers'}.get(
+            kind, f'a {kind} layer')
         problems.add('unsupported', f'target_modules selects {theirs!r}, {what}; {spec.peft_type} here adapts '
                      'Linear and Conv1D layers only. Fix: narrow target_modules to the linear layers.')
       continue
@@ -543,23 +565,19 @@ def import_peft(
     if spec.peft_type == 'LORA':
       r, alpha = spec.rank_alpha(theirs)
       want = {'lora_A.weight': (r, w_in), 'lora_B.weight': (w_out, r)}
+      rank_pattern = spec.raw.get('rank_pattern')
+      hint = f' (rank {r} from r={spec.r}{f", rank_pattern={rank_pattern}" if rank_pattern else ""}; layer {w_in} -> {w_out})'
     else:
       ff = spec.feedforward(theirs)
       want = {'ia3_l': (1, w_in) if ff else (w_out, 1)}
+      hint = f' ({"feedforward: [1, in]" if ff else "[out, 1]"}; layer {w_in} -> {w_out})'
     ok = True
     for suffix, shape in want.items():
-      key = f'{PREFIX}{theirs}.{suffix}'
       if suffix not in have:
-        problems.add('missing key', f'{key!r} (shape {_shape(shape)}) is not in the file, but target_modules '
-                     f'selects {theirs!r}. Fix: the adapter_config.json does not describe these weights.')
+        problems.add('missing key', f'{PREFIX + theirs + "." + suffix!r} (shape {_shape(shape)}) is not in the file, '
+                     f'but target_modules selects {theirs!r}. Fix: the adapter_config.json does not describe these weights.')
         ok = False
       elif tuple(have[suffix][1].shape) != shape:
-        hint = ''
-        if spec.peft_type == 'LORA':
-          hint = (f' (rank {r} from r={spec.r}' + (f', rank_pattern={spec.raw.get("rank_pattern")}' if spec.raw.get('rank_pattern') else '')
-                  + f'; layer {w_in} -> {w_out})')
-        else:
-          hint = f' ({"feedforward: [1, in]" if ff else "[out, 1]"}; layer {w_in} -> {w_out})'
         problems.add('wrong shape', f'{have[suffix][0]!r} has shape {_shape(have[suffix][1].shape)}, expected '
                      f'{_shape(shape)}{hint}. Fix: check r/rank_pattern/feedforward_modules, and that the base '
                      'model config matches the one the adapter was trained on.')
@@ -568,14 +586,19 @@ def import_peft(
       continue
     if spec.peft_type == 'LORA':
       methods[fpath] = LoRA(rank=r, alpha=_number(alpha), use_rslora=bool(spec.raw.get('use_rslora', False)))
+      # PEFT keeps both factors Linear-shaped, also on Conv1D: A [r, in], B [out, r].
       values[fpath] = {'lora_a': have['lora_A.weight'][1].T, 'lora_b': have['lora_B.weight'][1].T}
     else:
       method = IA3FF() if ff else IA3()
       methods[fpath] = method
       values[fpath] = {method.leaf_names[0]: have['ia3_l'][1].reshape(-1)}
+  return methods, values
 
-  base_updates = {}
-  saved_flax = []
+
+def _saved_values(mm: ModuleMap, saved, saved_tensors, their_name, shapes, family: Family, problems: _Problems):
+  """Flax base leaves replaced by the modules_to_save tensors (through the table), and those modules' paths."""
+  updates = {}
+  flax_paths = []
   for name in saved:
     theirs = their_name(name)
     if mm.kind.get(name) == 'tied' or (mm.tied_embedding and (mm.tied_embedding == name or mm.tied_embedding.startswith(name + '.'))):
@@ -588,7 +611,7 @@ def import_peft(
       problems.add('unknown module', f'modules_to_save selects {theirs!r}, whose parameters do not map to one flax '
                    'module. Fix: name a whole layer in modules_to_save.')
       continue
-    saved_flax.append(mm.flax[name])
+    flax_paths.append(mm.flax[name])
     for m in mm.params[name]:
       key = f'{PREFIX}{their_name(m.torch_key)}'
       if m.torch_key not in saved_tensors:
@@ -601,32 +624,11 @@ def import_peft(
                      f'expects {_shape(want)}{" after transposing" if m.layout is Layout.TRANSPOSE else ""}. '
                      'Fix: the base model config does not match the one the adapter was trained on.')
         continue
-      base_updates[m.flax_path] = m.layout.to_flax(array)
-  for ours, (file_key, array) in saved_tensors.items():
+      updates[m.flax_path] = m.layout.to_flax(array)
+  for file_key, array in saved_tensors.values():
     problems.add('unexpected key', f'{file_key!r} (shape {_shape(array.shape)}) is not a parameter of the '
                  f'modules_to_save module in {family.model_class.__name__}.')
-  if not methods and not problems.lines:
-    problems.add('empty', f'target_modules={spec.raw.get("target_modules")!r} selects no module of '
-                 f'{family.hf_class_name} that the file adapts.')
-  problems.raise_if_any(headline)
-
-  flat = traverse_util.flatten_dict(params)
-  for path, value in base_updates.items():
-    flat[path] = jnp.asarray(value, dtype=flat[path].dtype)
-  params = traverse_util.unflatten_dict(flat)
-  adapted, params = adapt(model, params, {_escaped(p): m for p, m in methods.items()}, *_example_args(example_args),
-                          rng=rng, modules_to_save=[_escaped(p) for p in saved_flax])
-  flat = traverse_util.flatten_dict(params)
-  for path, leaves in values.items():
-    for leaf, value in leaves.items():
-      old = flat[path + (leaf,)]
-      flat[path + (leaf,)] = jnp.asarray(np.reshape(value, old.shape), dtype=old.dtype)
-  dropout = spec.raw.get('lora_dropout') or 0.0
-  if dropout:
-    warnings.warn(f'{CONFIG_FILE} sets lora_dropout={dropout}: dropout only acts in training and is not '
-                  'applied by the imported model (its forward is the inference forward, as PEFT\'s in eval mode).',
-                  PeftImportWarning, stacklevel=2)
-  return adapted, traverse_util.unflatten_dict(flat)
+  return updates, flax_paths
 
 
 def _number(x):
@@ -688,10 +690,13 @@ def export_peft(
   names = {e.site.path: {m.name for m in e.methods} for e in model.plan}
   for e in model.plan:
     for m in e.methods:
-      if m.name in ('houlsby', 'locon'):
-        raise fail(f'{paths_lib.dotted(e.site.path)} has a {m.name} adapter, which PEFT\'s LoRA/IA3 formats cannot '
-                   'hold' + (' (Houlsby bottlenecks are not weight-space adapters)' if m.name == 'houlsby' else ''),
-                   'export the merged model with export_merged' + (' (Locon folds unless the conv is weight-standardized)' if m.name == 'locon' else ' is not possible either (Houlsby does not fold); keep the flax adapter checkpoint'))
+      if m.name == 'houlsby':
+        raise fail(f'{paths_lib.dotted(e.site.path)} has a houlsby adapter, which PEFT\'s LoRA/IA3 formats cannot '
+                   'hold (a bottleneck on a module\'s output is not a weight-space adapter)',
+                   'keep it as a flax adapter checkpoint (save_adapters); it cannot be merged into the weights either')
+      if m.name == 'locon':
+        raise fail(f'{paths_lib.dotted(e.site.path)} has a locon adapter, and {family.hf_class_name} has no conv '
+                   'layer that PEFT\'s conv LoRA could carry it on', 'export_merged folds it into the base weights')
   kinds = {('lora' if 'lora' in n else 'ia3') for n in names.values()}
   if len(kinds) > 1:
     raise fail('it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type',

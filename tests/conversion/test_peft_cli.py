@@ -2,13 +2,18 @@
 
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
 import transformers
 
+import flax_adapters as fa
+from conversion import load_pretrained
 from conversion.cli import main
-from tests.conversion.peft_helpers import TOL, fresh, make_adapter, torch_logits
+from tests.conversion.peft_helpers import TOL, flax_logits, fresh, make_adapter, perturb, torch_logits
+from tests.conversion.test_gpt2 import tiny_gpt2
 from tests.conversion.test_llama import tiny_llama
 
 
@@ -51,3 +56,22 @@ def test_peft_round_trip_through_the_command_line(tmp_path, rng, capsys):
   assert 'exists; pass --overwrite to replace it' in capsys.readouterr().err
   assert main(['import-peft', str(tmp_path / 'base'), str(tmp_path / 'base'), str(tmp_path / 'x')]) == 1
   assert 'has no adapter_config.json; it is not a PEFT adapter directory' in capsys.readouterr().err
+
+
+def test_transfer_config_checkpoint_exports_with_unfrozen_norms(tmp_path, rng):
+  """A prepare_for_transfer checkpoint (unfreeze_norm trains GPT-2's LayerNorms, bias included) through
+  export-peft: the norms become PEFT modules_to_save, and PEFT's logits equal ours."""
+  tiny_gpt2(n_layer=1).save_pretrained(tmp_path / 'base')
+  model, params, _ = load_pretrained(tmp_path / 'base')
+  config = fa.TransferConfig(mode='lora', lora_rank=4, lora_targets=['c_attn'], unfreeze_norm=True)
+  adapted, p = fa.prepare_for_transfer(model, params, config, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+  p = perturb(adapted, p, scale=0.1)
+  fa.save_adapters(tmp_path / 'ckpt', adapted, p)
+  assert main(['export-peft', str(tmp_path / 'ckpt'), str(tmp_path / 'base'), str(tmp_path / 'out')]) == 0
+  written = json.loads((tmp_path / 'out' / 'adapter_config.json').read_text())
+  assert written['modules_to_save'] == ['transformer.h.0.ln_1', 'transformer.h.0.ln_2', 'transformer.ln_f']
+  assert written['target_modules'] == ['transformer.h.0.attn.c_attn'] and written['fan_in_fan_out'] is True
+  ids = rng.integers(0, 128, size=(2, 10)).astype(np.int64)
+  loaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'base'),
+                                          tmp_path / 'out').eval()
+  np.testing.assert_allclose(torch_logits(loaded, ids), flax_logits(adapted, p, ids), atol=TOL, rtol=0)

@@ -30,8 +30,30 @@ Which modules carry adapters, and with which rank and alpha, is decided exactly 
   `str.endswith`, no dot boundary); `feedforward_modules` likewise (or `re.fullmatch` if a string).
   A module selected by `modules_to_save` is never a LoRA/IA3 target.
 
+An adapter made on the family's bare trunk class (`GPT2Model`: `h.0.attn.c_attn`) or on a wrapper
+(`BertForMaskedLM`: `bert.encoder...`) is read with the family's prefix conventions (those of
+`Family.normalize_keys`); its patterns are matched against its own names. Export always writes for
+the family's class (`Family.hf_class_name`).
+
+`fan_in_fan_out` only tells PEFT how the base weight is laid out, and PEFT corrects it per layer
+from the layer's class (with a warning); the table knows each layer's class (`Layout.TRANSPOSE`:
+nn.Linear; `Layout.IDENTITY` kernel: HF Conv1D), so import follows the layer and export writes
+`fan_in_fan_out=True` exactly when a target is a Conv1D (GPT-2).
+
 Anything PEFT can express that this module cannot reproduce exactly is refused with an error that
-names the option and a way out; nothing in a file is ever dropped silently.
+names the option and a way out; nothing in a file is ever dropped silently. Refused on import:
+PEFT types other than LoRA and IA3, DoRA, `lora_bias`, `bias != 'none'`, `target_parameters`,
+layer replication, trainable tokens, activated LoRA, QALoRA, initialisations that rewrite the
+base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on embeddings, `modules_to_save` of an embedding
+tied to the LM head, and any option this module does not know. `lora_dropout` is accepted (it only
+acts in training) with a `PeftImportWarning`.
+
+Granularity: torch and flax modules correspond one to one in the BERT, LLaMA and GPT-2 families
+(GPT-2's `c_attn` is one fused Conv1D in torch and one Dense in flax), so no adapter ever has to be
+split or joined. A family whose flax model fused what torch keeps apart (or the reverse) would
+need that (LoRA on q/k/v <-> on a fused qkv kernel: A concatenated along the rank axis, B
+block-diagonal, rank r·n); it is not implemented, and `module_map` would not pair such modules,
+so import reports them as modules the flax model lacks and export as layers the table does not map.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import peft
 import pytest
+import torch
 import transformers
 
 import flax_adapters as fa
@@ -180,3 +181,20 @@ def test_ia3_with_feedforward_modules_both_ways(tmp_path, ids):
   written = check_export(tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, perturb(adapted, p), ids)
   assert written['peft_type'] == 'IA3'
   assert written['feedforward_modules'] == ['model.layers.0.mlp.down_proj', 'model.layers.1.mlp.down_proj']
+
+
+def test_adapter_made_on_the_bare_trunk_class(tmp_path, ids):
+  """PEFT on `GPT2Model` names modules `h.0.attn.c_attn` (no `transformer.`); its regex is matched on those."""
+  hf = tiny_gpt2()
+  trunk = transformers.GPT2Model(hf.config).eval()
+  trunk.load_state_dict({k.removeprefix('transformer.'): v for k, v in hf.state_dict().items()
+                         if k.startswith('transformer.')})
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r'h\.\d+\.mlp\.c_fc', fan_in_fan_out=True)
+  theirs, _ = make_adapter(trunk, config, tmp_path / 'peft')
+  model, params, _ = flax_base(GPT2, hf.config, hf.state_dict())
+  adapted, p = import_peft(tmp_path / 'peft', model, params)
+  assert sorted(e.site.name for e in adapted.plan) == ['transformer.h.0.mlp.c_fc', 'transformer.h.1.mlp.c_fc']
+  with torch.no_grad():
+    hidden = theirs(torch.from_numpy(ids)).last_hidden_state
+    expected = (hidden @ trunk.wte.weight.T).numpy()  # GPT-2's head is tied to wte
+  np.testing.assert_allclose(flax_logits(adapted, p, ids), expected, atol=TOL, rtol=0)

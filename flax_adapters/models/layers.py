@@ -67,6 +67,9 @@ class RMSNorm(nn.Module):
     [[0.849, 1.131]]
   """
 
+  # A norm to the adapter machinery (`unfreeze_norm` trains it); the class alone would read as a block.
+  adapter_kind = 'norm'
+
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32

@@ -151,3 +151,18 @@ def test_save_pretrained_round_trips_through_from_pretrained(tmp_path, ids):
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
   assert type(reloaded).__name__ == 'LlamaForCausalLM'
   np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(hf, ids), atol=TOL, rtol=0)
+
+
+def test_rmsnorm_is_a_norm_so_unfreeze_norm_trains_it():
+  import flax_adapters as fa  # pylint: disable=g-import-not-at-top
+  config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+  model = FAMILY.flax_model(config)
+  ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
+  assert fa.trace_model(model, ids).sites[('model', 'norm')].kind == 'norm'
+  adapted, p = fa.prepare_for_transfer(
+      model, params, fa.TransferConfig(mode='lora', lora_targets=['q_proj'], lora_rank=2, unfreeze_norm=True), ids)
+  mask = fa.trainable_mask(adapted, p)
+  assert mask['model']['norm']['scale'] and mask['model']['layers_0']['input_layernorm']['scale']
+  assert not mask['model']['layers_0']['self_attn']['q_proj']['kernel']

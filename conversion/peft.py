@@ -885,21 +885,10 @@ def export_merged(
 def restore_adapted(directory: str | os.PathLike, model: nn.Module, params, *example_args):
   """Rebuild `(adapted_model, params)` from a `save_adapters` checkpoint onto its base.
 
-  Checkpoints made with a `TransferConfig` go through `restore_transfer`. Those made with `adapt`
-  (such as `import_peft`'s, which carry per-module ranks) are rebuilt from the saved plan, and the
-  modules that train whole are the non-adapter leaves the checkpoint holds (its base fingerprint
-  lists every frozen leaf). `load_adapters` then checks the plan and the base weights.
+  `flax_adapters.restore_transfer` with this family's default example input: checkpoints made with
+  a `TransferConfig` are prepared with it; those made with `adapt` (such as `import_peft`'s, which
+  carry per-module ranks) are rebuilt from the saved plan and trainable modules.
   """
-  from flax_adapters import methods as methods_lib  # pylint: disable=g-import-not-at-top
-  from flax_adapters.checkpoint import load_adapters, read_meta, restore_transfer  # pylint: disable=g-import-not-at-top
+  from flax_adapters.checkpoint import restore_transfer  # pylint: disable=g-import-not-at-top
 
-  example_args = _example_args(example_args)
-  meta = read_meta(directory)
-  if meta['config'] is not None:
-    return restore_transfer(directory, model, params, *example_args)
-  adapters = {_escaped(tuple(e['path'])): [methods_lib.from_json(m) for m in e['methods']] for e in meta['plan']}
-  frozen = set(meta['base']['frozen_values'])
-  trained = {tuple(s[0].split('/'))[:-1] for s in meta['base']['structure'] if s[0] not in frozen}
-  adapted, prepared = adapt(model, params, adapters, *example_args,
-                            modules_to_save=[_escaped(p) for p in sorted(trained)])
-  return adapted, load_adapters(directory, adapted, prepared)
+  return restore_transfer(directory, model, params, *_example_args(example_args))

@@ -25,7 +25,7 @@ from flax import traverse_util
 
 from flax_adapters import methods as methods_lib
 from flax_adapters.config import TransferConfig
-from flax_adapters.forward import AdaptedModel
+from flax_adapters.forward import AdaptedModel, Trainable
 from flax_adapters.training import trainable_mask
 
 FORMAT = 'flax_adapters.adapter_checkpoint/1'
@@ -57,6 +57,16 @@ def config_from_json(data: dict[str, Any]) -> TransferConfig:
 
 def plan_to_json(model: AdaptedModel) -> list[dict[str, Any]]:
   return [{'path': list(e.site.path), 'methods': [_jsonable(m.to_json()) for m in e.methods]} for e in model.plan]
+
+
+def trainable_to_json(trainable: Trainable) -> dict[str, Any]:
+  return {'everything': trainable.everything,
+          **{f: [list(p) for p in getattr(trainable, f)] for f in ('heads', 'norms', 'others')}}
+
+
+def trainable_from_json(data: dict[str, Any]) -> Trainable:
+  return Trainable(everything=data['everything'],
+                   **{f: tuple(tuple(p) for p in data[f]) for f in ('heads', 'norms', 'others')})
 
 
 # -- fingerprint of the base -----------------------------------------------------------------
@@ -141,6 +151,7 @@ def save_adapters(directory: str | os.PathLike, model: AdaptedModel, params, *, 
       'format': FORMAT,
       'config': config_to_json(model.config) if model.config is not None else None,
       'plan': plan_to_json(model),
+      'trainable': trainable_to_json(model.trainable),
       'base': base_fingerprint(model, params),
   }
   tree = trained_leaves(model, params)
@@ -191,11 +202,23 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
 
 
 def restore_transfer(directory: str | os.PathLike, model, params, *example_args, **example_kwargs):
-  """Prepare `model` (the base) with the saved config and load the saved leaves: `(adapted, params)`."""
-  from flax_adapters.surgery import prepare_for_transfer  # pylint: disable=g-import-not-at-top
+  """Rebuild the adapted model on `model` (the base) and load the saved leaves: `(adapted, params)`.
+
+  A checkpoint saved with a `TransferConfig` is prepared with that config (head surgery included);
+  one made with `adapt` (explicit methods, e.g. imported from PEFT) is rebuilt from its saved plan.
+  """
+  from flax_adapters import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  from flax_adapters import paths as paths_lib  # pylint: disable=g-import-not-at-top
+  from flax_adapters.surgery import adapt, prepare_for_transfer  # pylint: disable=g-import-not-at-top
 
   meta = read_meta(directory)
-  if meta['config'] is None:
-    raise ValueError(f'{directory!r} was saved without a TransferConfig; prepare the model yourself and call load_adapters.')
-  adapted, prepared = prepare_for_transfer(model, params, config_from_json(meta['config']), *example_args, **example_kwargs)
+  if meta['config'] is not None:
+    adapted, prepared = prepare_for_transfer(model, params, config_from_json(meta['config']), *example_args,
+                                             **example_kwargs)
+  else:
+    exact = lambda path: re.compile(re.escape(paths_lib.dotted(path)))
+    adapters = {exact(tuple(e['path'])): [methods_lib.from_json(m) for m in e['methods']] for e in meta['plan']}
+    adapted, prepared = adapt(model, params, adapters, *example_args, **example_kwargs)
+    if 'trainable' in meta:
+      adapted = adapted.replace(trainable=trainable_from_json(meta['trainable']))
   return adapted, load_adapters(directory, adapted, prepared)

@@ -106,3 +106,18 @@ def test_existing_directory_needs_overwrite(trained, tmp_path):
   with pytest.raises(FileExistsError, match='pass overwrite=True'):
     fa.save_adapters(tmp_path / 'ckpt', adapted, p)
   fa.save_adapters(tmp_path / 'ckpt', adapted, p, overwrite=True)
+
+
+def test_checkpoint_of_explicit_methods_is_rebuilt_from_its_plan(tmp_path):
+  """`adapt` checkpoints (per-layer ranks; no TransferConfig) restore from the saved plan and trainable modules."""
+  model, params, x = net.make()
+  adapted, p = fa.adapt(model, params, {'q_proj': fa.LoRA(rank=4, alpha=8), 'v_proj': fa.LoRA(rank=2, alpha=2),
+                                        'fc2': fa.IA3FF()}, x, modules_to_save=['final_norm'])
+  p = perturb(p, jax.random.key(3))
+  path = fa.save_adapters(tmp_path / 'ckpt', adapted, p)
+  restored_model, restored = fa.restore_transfer(path, model, params, x)
+  assert restored_model.plan == adapted.plan and restored_model.trainable == adapted.trainable
+  np.testing.assert_array_equal(restored['final_norm']['scale'], p['final_norm']['scale'])
+  out, ref = restored_model.apply({'params': restored}, x), adapted.apply({'params': p}, x)
+  for k in ref:
+    np.testing.assert_array_equal(out[k], ref[k])

@@ -45,8 +45,8 @@ names the option and a way out; nothing in a file is ever dropped silently. Refu
 PEFT types other than LoRA and IA3, DoRA, `lora_bias`, `bias != 'none'`, `target_parameters`,
 layer replication, trainable tokens, activated LoRA, QALoRA, initialisations that rewrite the
 base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on embeddings, `modules_to_save` of an embedding
-tied to the LM head, and any option this module does not know. `lora_dropout` is accepted (it only
-acts in training) with a `PeftImportWarning`.
+tied to the LM head, and any option this module does not know. `lora_dropout` carries over: it acts in
+training only, when the adapted model's apply gets `rngs={'adapter_dropout': key}`.
 
 Granularity: torch and flax modules correspond one to one in the BERT, LLaMA and GPT-2 families
 (GPT-2's `c_attn` is one fused Conv1D in torch and one Dense in flax), so no adapter ever has to be
@@ -63,7 +63,6 @@ import json
 import math
 import os
 import re
-import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -95,10 +94,6 @@ _MAX_LISTED = 12
 # `init_lora_weights` values that only choose how fresh weights are drawn. The others (PiSSA, OLoRA,
 # CorDA, LoftQ, LoRA-GA) rewrite the base weights too, so their adapters need that modified base.
 _PLAIN_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')
-
-
-class PeftImportWarning(UserWarning):
-  """A PEFT option was read but has no effect here (e.g. `lora_dropout`, a training-time option)."""
 
 
 # -- what the config says --------------------------------------------------------------------
@@ -471,8 +466,8 @@ def import_peft(
   Returns:
     `(adapted_model, params)`: `adapted_model.apply({'params': params}, ids)` gives the adapted
     outputs (PEFT's, to float rounding); `modules_to_save` modules train whole and hold the file's
-    weights. `lora_dropout` is a training-time option and is not applied (a `PeftImportWarning`
-    says so when it is non-zero).
+    weights. `lora_dropout` carries over to the LoRA methods (active in training only, given the
+    'adapter_dropout' rng stream).
 
   Raises:
     ValueError: an unsupported PEFT type or option, a key whose module the flax model lacks, a
@@ -504,11 +499,6 @@ def import_peft(
     for name, value in leaves.items():
       old = flat[path + (name,)]
       flat[path + (name,)] = jnp.asarray(np.reshape(value, old.shape), dtype=old.dtype)
-  dropout = spec.raw.get('lora_dropout') or 0.0
-  if dropout:
-    warnings.warn(f'{CONFIG_FILE} sets lora_dropout={dropout}: dropout only acts in training and is not '
-                  'applied by the imported model (its forward is the inference forward, as PEFT\'s in eval mode).',
-                  PeftImportWarning, stacklevel=2)
   return adapted, traverse_util.unflatten_dict(flat)
 
 
@@ -607,7 +597,9 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, prob
     if not ok:
       continue
     if spec.peft_type == 'LORA':
-      methods[fpath] = LoRA(rank=r, alpha=_number(alpha), use_rslora=bool(spec.raw.get('use_rslora', False)))
+      # lora_dropout acts in training only: on when apply gets rngs={'adapter_dropout': key}.
+      methods[fpath] = LoRA(rank=r, alpha=_number(alpha), use_rslora=bool(spec.raw.get('use_rslora', False)),
+                            dropout=float(spec.raw.get('lora_dropout') or 0.0))
       # PEFT keeps both factors Linear-shaped, also on Conv1D: A [r, in], B [out, r].
       values[fpath] = {'lora_a': have['lora_A.weight'][1].T, 'lora_b': have['lora_B.weight'][1].T}
     else:
@@ -785,7 +777,7 @@ def export_peft(
         'r': int(r), 'lora_alpha': _number(alpha), 'use_rslora': use_rslora,
         'rank_pattern': {t: int(m.rank) for t, m in loras.items() if m.rank != r},
         'alpha_pattern': {t: _number(a) for t, a in alphas.items() if a != alpha},
-        'lora_dropout': 0.0, 'bias': 'none', 'init_lora_weights': True, 'use_dora': False, 'lora_bias': False,
+        'lora_dropout': max(m.dropout for m in loras.values()), 'bias': 'none', 'init_lora_weights': True, 'use_dora': False, 'lora_bias': False,
         'layers_to_transform': None, 'layers_pattern': None,
     })
     for t, path in targets.items():

@@ -94,6 +94,8 @@ class TransferConfig:
   lora_targets: Sequence[Target] = ('q_proj', 'v_proj')
   # Scale by lora_alpha / sqrt(r) instead of lora_alpha / r (rsLoRA, as PEFT's `use_rslora`).
   use_rslora: bool = False
+  # Dropout on LoRA's input while training; on only when apply gets rngs={'adapter_dropout': key}.
+  lora_dropout: float = 0.0
   # Locon (LoRA for convolutions): rank and alpha, scale locon_alpha / locon_rank.
   locon_rank: int = 4
   locon_alpha: float = 1
@@ -155,6 +157,9 @@ class TransferConfig:
       _check_positive_int(getattr(self, name), name)
     for name in ('lora_alpha', 'locon_alpha'):
       _check_positive_number(getattr(self, name), name)
+    if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+        or not 0 <= self.lora_dropout < 1:
+      raise ValueError(f'`lora_dropout` must be a number in [0, 1), found {self.lora_dropout!r}.')
     if 'locon' in modes and not self.locon_targets:
       raise ValueError(
           "`locon_targets` is empty but mode includes 'locon'; Locon needs the conv layers to "

@@ -22,6 +22,8 @@ from flax_adapters.methods.locon import BYPASS
 from flax_adapters.tracing import Site
 
 Path = tuple[str, ...]
+# The rng stream that switches adapter dropout on: apply(..., rngs={ADAPTER_DROPOUT: key}).
+ADAPTER_DROPOUT = 'adapter_dropout'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,11 @@ class AdaptedModel:
   # -- forward ---------------------------------------------------------------------------------
 
   def apply(self, variables, *args, **kwargs):
-    """`base.apply(variables, *args, **kwargs)` with every adapter applied factored."""
+    """`base.apply(variables, *args, **kwargs)` with every adapter applied factored.
+
+    Adapter dropout (`lora_dropout`) is on only when `rngs` holds the `'adapter_dropout'` stream,
+    i.e. when training: `model.apply({'params': p}, x, rngs={'adapter_dropout': key})`.
+    """
     if not isinstance(variables, Mapping) or 'params' not in variables:
       raise TypeError(
           '`variables` must be a dict with a \'params\' collection, as for linen\'s apply: '
@@ -139,7 +145,8 @@ class AdaptedModel:
     call = site.contraction(x.ndim, y.ndim, kwargs)
     for m in entry.methods:
       if m.stage != 'input':
-        y = m.apply(site, leaves, x_in, y, call)
+        rng = module.make_rng(ADAPTER_DROPOUT) if m.needs_rng and module.has_rng(ADAPTER_DROPOUT) else None
+        y = m.apply(site, leaves, x_in, y, call, rng=rng)
     return y
 
 

@@ -181,7 +181,8 @@ def _requests(config: TransferConfig):
   modes = config.adapter_modes
   out = []
   if 'lora' in modes:
-    out.append((LoRA(rank=config.lora_rank, alpha=config.lora_alpha, use_rslora=config.use_rslora),
+    out.append((LoRA(rank=config.lora_rank, alpha=config.lora_alpha, use_rslora=config.use_rslora,
+                     dropout=float(config.lora_dropout)),
                 config.lora_targets, 'lora_targets'))
   if 'locon' in modes:
     out.append((Locon(rank=config.locon_rank, alpha=config.locon_alpha), config.locon_targets, 'locon_targets'))

@@ -4,7 +4,8 @@ A method is a frozen dataclass of its hyperparameters (rank, scale, ...) with pu
 
 - `check(site)`: raise a clear error if it cannot adapt this module;
 - `init(rng, site, dtype)`: its new leaves, which live in the module's params dict;
-- `apply(site, leaves, x, y, call)`: its effect on a call, at its `stage`:
+- `apply(site, leaves, x, y, call, rng=None)`: its effect on a call, at its `stage`
+  (`rng` is given during training when the method `needs_rng`, e.g. for dropout):
   `'input'` rescales the input before the module runs, `'additive'` adds a delta computed from
   the input, `'output'` transforms the module's output;
 - `fold(site, leaves, module_params)`: the module's params with the adapter folded into the
@@ -53,8 +54,14 @@ class Method:
   def init(self, rng: Array, site: Site, dtype) -> dict[str, Array]:
     raise NotImplementedError
 
-  def apply(self, site: Site, leaves: Mapping[str, Array], x: Array, y: Array | None, call: Contraction) -> Array:
+  def apply(self, site: Site, leaves: Mapping[str, Array], x: Array, y: Array | None, call: Contraction,
+            rng: Array | None = None) -> Array:
     raise NotImplementedError
+
+  @property
+  def needs_rng(self) -> bool:
+    """Whether `apply` draws randomness (dropout) when the caller provides the rng stream."""
+    return False
 
   def fold(self, site: Site, leaves: Mapping[str, Array], module_params: Mapping[str, Array]) -> dict[str, Array] | None:
     return None

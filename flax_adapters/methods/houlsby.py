@@ -93,7 +93,7 @@ class Houlsby(Method):
         'houlsby_up_bias': jnp.zeros(shapes['houlsby_up_bias'], dtype),
     }
 
-  def apply(self, site, leaves, x, y, call):
+  def apply(self, site, leaves, x, y, call, rng=None):
     if not isinstance(y, jax.Array):
       raise AdapterError(f'Houlsby at {site.name} expected the module to return an array, got {type(y).__name__}.')
     dt = y.dtype

@@ -61,7 +61,7 @@ class IA3(Method):
   def init(self, rng, site, dtype):
     return {'ia3_scale': jnp.ones(self.shapes(site)['ia3_scale'], dtype)}
 
-  def apply(self, site, leaves, x, y, call):
+  def apply(self, site, leaves, x, y, call, rng=None):
     return y * broadcast_to(leaves['ia3_scale'].astype(y.dtype), site.feature_out, call.y)
 
   def fold(self, site, leaves, module_params):
@@ -104,7 +104,7 @@ class IA3FF(Method):
   def init(self, rng, site, dtype):
     return {'ia3_ff_scale': jnp.ones(self.shapes(site)['ia3_ff_scale'], dtype)}
 
-  def apply(self, site, leaves, x, y, call):
+  def apply(self, site, leaves, x, y, call, rng=None):
     return x * broadcast_to(leaves['ia3_ff_scale'].astype(x.dtype), site.feature_in, call.x)
 
   def fold(self, site, leaves, module_params):

@@ -102,7 +102,7 @@ class Locon(Method):
     geometry = {k: v for k, v in site.options if k != 'feature_group_count' and v is not None}
     return nn.Conv(features=self.rank, use_bias=False, dtype=dtype, param_dtype=dtype, **geometry)
 
-  def apply(self, site, leaves, x, y, call):
+  def apply(self, site, leaves, x, y, call, rng=None):
     dt = y.dtype
     # The down conv is an nn.Conv with the wrapped conv's geometry, so padding modes
     # ('SAME', 'CIRCULAR', 'CAUSAL', explicit pairs), strides and dilations all agree.

@@ -41,6 +41,13 @@ class LoRA(Method):
   # The delta is scaled by alpha / r (alpha / sqrt(r) with use_rslora).
   alpha: float = 16.0
   use_rslora: bool = False
+  # Dropout on the LoRA branch's input during training (PEFT's `lora_dropout`); it is active only
+  # when apply is given the 'adapter_dropout' rng stream.
+  dropout: float = 0.0
+
+  @property
+  def needs_rng(self) -> bool:
+    return self.dropout > 0
 
   @property
   def scale(self) -> float:
@@ -61,6 +68,8 @@ class LoRA(Method):
     require_kernel_letters('LoRA', site)
     fan_in = int(np.prod(site.size(site.feature_in)))
     fan_out = int(np.prod(site.size(site.feature_out)))
+    if not 0 <= self.dropout < 1:
+      raise AdapterError(f'`lora_dropout` must be in [0, 1), found {self.dropout!r}.')
     if self.rank > min(fan_in, fan_out):
       raise AdapterError(
           f'`lora_rank`={self.rank} is larger than {site.describe()} allows: its kernel '
@@ -85,8 +94,11 @@ class LoRA(Method):
         'lora_b': jnp.zeros(shapes['lora_b'], dtype),
     }
 
-  def apply(self, site: Site, leaves: Mapping[str, jax.Array], x, y, call: Contraction):
+  def apply(self, site: Site, leaves: Mapping[str, jax.Array], x, y, call: Contraction, rng=None):
     dt = y.dtype
+    if rng is not None and self.dropout > 0:
+      keep = jax.random.bernoulli(rng, 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
     kin, kout = site.feature_in, site.feature_out
     rest = ''.join(c for c in call.x if c not in kin)
     # Factored: (x·A) is only r wide; the scale is applied there, where it is cheapest.

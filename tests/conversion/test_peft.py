@@ -7,7 +7,6 @@ direction is checked on values the other side did not start from.
 """
 
 import json
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ import transformers
 
 import flax_adapters as fa
 from conversion import get_family
-from conversion.peft import PeftImportWarning, export_merged, export_peft, import_peft
+from conversion.peft import export_merged, export_peft, import_peft
 from tests.conversion.peft_helpers import TOL, flax_logits, fresh, leaf, make_adapter, perturb, torch_logits
 from tests.conversion.test_gpt2 import tiny_gpt2
 from tests.conversion.test_llama import tiny_llama
@@ -63,8 +62,8 @@ def test_llama_lora_patterns_and_lm_head_both_ways(tmp_path, ids):
       modules_to_save=['lm_head'])
   theirs, base = make_adapter(hf, config, tmp_path / 'peft')
   model, params, _ = flax_base(LLAMA, hf.config, base)
-  with pytest.warns(PeftImportWarning, match=r'lora_dropout=0\.1: dropout only acts in training and is not applied'):
-    adapted, p = import_peft(tmp_path / 'peft', model, params, family='llama')
+  adapted, p = import_peft(tmp_path / 'peft', model, params, family='llama')
+  assert {e.methods[0].dropout for e in adapted.plan} == {0.1}  # lora_dropout carries over (training only)
 
   ranks = {e.site.name: e.methods[0].rank for e in adapted.plan}
   assert ranks['model.layers.1.self_attn.q_proj'] == 2 and ranks['model.layers.0.self_attn.q_proj'] == 4
@@ -169,9 +168,7 @@ def test_ia3_with_feedforward_modules_both_ways(tmp_path, ids):
   config = peft.IA3Config(target_modules=['k_proj', 'v_proj', 'down_proj'], feedforward_modules=['down_proj'])
   theirs, base = make_adapter(hf, config, tmp_path / 'peft')
   model, params, _ = flax_base(LLAMA, hf.config, base)
-  with warnings.catch_warnings():
-    warnings.simplefilter('error', PeftImportWarning)  # no dropout, no warning
-    adapted, p = import_peft(tmp_path / 'peft', model, params)
+  adapted, p = import_peft(tmp_path / 'peft', model, params)
   methods = {e.site.name: e.methods[0].name for e in adapted.plan}
   assert methods['model.layers.0.mlp.down_proj'] == 'ia3_ff' and methods['model.layers.1.self_attn.k_proj'] == 'ia3'
   assert leaf(p, 'model/layers_0/mlp/down_proj/ia3_ff_scale').shape == (128,)  # [1, in] in PEFT

@@ -158,3 +158,22 @@ def test_einsum_with_interleaved_kernel_axes():
   assert max_diff(adapted.apply({'params': p}, x), layer.apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
   served, merged = fa.merge_adapters(adapted, p)
   assert max_diff(served.apply({'params': merged}, x), adapted.apply({'params': p}, x)) < 1e-5
+
+
+def test_lora_dropout_only_with_the_rng_stream_and_unbiased():
+  x = jax.random.normal(jax.random.key(0), (64, 16))
+  layer = nn.Dense(8, name='q_proj')
+  params = layer.init(jax.random.key(1), x)['params']
+  cfg = fa.TransferConfig(mode='lora', lora_rank=4, lora_dropout=0.5, lora_targets=['re:.*'], modules_to_save=['re:.*'])
+  adapted, p = fa.prepare_for_transfer(layer, params, cfg, x)
+  p = perturb(p, jax.random.key(2), scale=0.5)
+  evaluation = adapted.apply({'params': p}, x)
+  # Without the stream (evaluation) LoRA runs in full: the folded weights give the same output.
+  assert max_diff(evaluation, layer.apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
+  train = jax.jit(lambda k: adapted.apply({'params': p}, x, rngs={'adapter_dropout': k}))
+  samples = jax.vmap(train)(jax.random.split(jax.random.key(3), 400))
+  assert max_diff(samples[0], samples[1]) > 1e-2  # different masks
+  base = layer.apply({'params': params}, x)
+  # Dropout touches only the LoRA branch, and inverted scaling keeps it unbiased on average.
+  delta, mean_delta = evaluation - base, samples.mean(0) - base
+  assert float(jnp.abs(mean_delta - delta).max()) < 0.15 * float(jnp.abs(delta).max())

@@ -59,7 +59,7 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
   else:
     base = {k: _as_spec(v) for k, v in traverse_util.flatten_dict(base_specs).items()}
   out = {}
-  for key, leaf in flat.items():
+  for key in flat:
     if key[-1] in LEAF_NAMES:
       continue
     if key not in base:

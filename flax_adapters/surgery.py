@@ -136,7 +136,7 @@ def swap_heads(model: nn.Module, config: TransferConfig):
     )
   specs = {h: current[h] for h in kept}
   specs.update(config.new_heads)
-  raw = getattr(model, 'heads')
+  raw = model.heads
   heads = specs if isinstance(raw, Mapping) else tuple((k, dict(v)) for k, v in specs.items())
   return model.clone(heads=heads), kept, list(config.new_heads)
 

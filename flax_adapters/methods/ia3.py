@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
 from flax_adapters.methods.base import AdapterError, Method, broadcast_to, require_kernel_letters

@@ -11,7 +11,6 @@ import shutil
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import peft
 import pytest
 import torch

@@ -4,7 +4,6 @@ Only the call convention differs from the seed: `prepare_for_transfer(model, par
 returns `(model, params)` instead of mutating a torch module.
 """
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -32,6 +32,9 @@ class SitePlan:
 
   site: Site
   methods: tuple[methods_lib.Method, ...]
+  # Leading axes the module's params are stacked on (nn.scan / nn.vmap over layers): the adapter
+  # leaves carry them too, and the lifted transform slices them like the kernel.
+  stack: tuple[int, ...] = ()
 
   def leaf_names(self) -> tuple[str, ...]:
     return tuple(n for m in self.methods for n in m.leaf_names)

@@ -8,6 +8,10 @@ folding there, and it and everything after it stay in the model and keep running
 
 from __future__ import annotations
 
+import functools
+
+import jax
+
 from flax_adapters import paths as paths_lib
 from flax_adapters.forward import AdaptedModel, SitePlan, check_adapter_leaves
 from flax_adapters.methods import fold_order, sort_methods
@@ -20,7 +24,10 @@ def _fold_site(entry: SitePlan, module_params):
   remaining = []
   for method in fold_order(entry.methods):
     leaves = {n: module_params[n] for n in method.leaf_names}
-    folded = None if remaining else method.fold(entry.site, leaves, base)
+    fold = functools.partial(method.fold, entry.site)
+    for _ in entry.stack:  # layers stacked by nn.scan fold one by one
+      fold = jax.vmap(fold)
+    folded = None if remaining else fold(leaves, base)
     if folded is None:
       remaining.append(method)
     else:

@@ -67,11 +67,14 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
     out[key] = base[key]
   for entry in model.plan:
     site = entry.site
+    n_stack = len(entry.stack)
     kernel_spec = tuple(base.get(site.path + ('kernel',), P()))
-    axes = dict(zip(site.kernel, kernel_spec + (None,) * (len(site.kernel) - len(kernel_spec))))
+    kernel_spec += (None,) * (n_stack + len(site.kernel) - len(kernel_spec))
+    # Stacked layer axes (nn.scan) keep the kernel's spec for those axes.
+    stacked, axes = kernel_spec[:n_stack], dict(zip(site.kernel, kernel_spec[n_stack:]))
     for method in entry.methods:
       for leaf, letters in method.layout(site).items():
-        out[site.path + (leaf,)] = P(*(axes.get(c) for c in letters))
+        out[site.path + (leaf,)] = P(*stacked, *(axes.get(c) for c in letters))
   missing = set(flat) - set(out)
   if missing:
     raise ValueError(f'no spec for {sorted("/".join(k) for k in missing)[:4]}: they are not in the model\'s plan.')

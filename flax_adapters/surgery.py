@@ -255,27 +255,50 @@ def _adapter_dtype(adapter_dtype, site: Site, params: Mapping, path: Path):
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def stack_shape(path: Path, sites: Mapping[Path, Site], params) -> tuple[int, ...]:
+  """Leading axes a module's params are stacked on in `params` (nn.scan / nn.vmap), else ()."""
+  for p in sorted((p for p in sites if p[: len(path)] == path), key=len):
+    for name, shape, _ in sites[p].leaves:
+      node = params
+      for key in p + (name,):
+        node = node.get(key) if isinstance(node, Mapping) else None
+      if node is None:
+        continue
+      full = tuple(np.shape(node))
+      if len(full) < len(shape) or full[len(full) - len(shape):] != shape:
+        raise AdapterError(
+            f'{sites[p].describe()}: its {name} is {full} in params but {shape} inside the module, and '
+            'the two differ by more than leading stacked axes.'
+        )
+      return full[: len(full) - len(shape)]
+  return ()
+
+
+def _init_stacked(method: Method, key, site: Site, dtype, stack: tuple[int, ...]):
+  """Init the leaves once per stacked layer, each from its own key."""
+  if not stack:
+    return method.init(key, site, dtype)
+  n = int(np.prod(stack))
+  leaves = jax.vmap(lambda k: method.init(k, site, dtype))(jax.random.split(key, n))
+  return {k: v.reshape(stack + v.shape[1:]) for k, v in leaves.items()}
+
+
 def add_adapter_leaves(params, placement: Mapping[Path, list[Method]], sites: Mapping[Path, Site], adapter_dtype, rng):
   """`params` with each placed adapter's leaves initialised next to the module's own leaves."""
   plan = []
   for i, path in enumerate(sorted(placement, key=paths_lib.dotted)):
     site = sites[path]
     module_params = dict(get_subtree(params, path))
-    kernel = module_params.get('kernel')
-    if kernel is not None and site.kernel_shape is not None and tuple(kernel.shape) != site.kernel_shape:
-      raise AdapterError(
-          f'{site.describe()}: its kernel is {tuple(kernel.shape)} in params but {site.kernel_shape} '
-          'inside the module; layers under nn.scan/nn.vmap (stacked kernels) are not supported yet.'
-      )
+    stack = stack_shape(path, sites, params)
     dtype = _adapter_dtype(adapter_dtype, site, params, path)
     for j, method in enumerate(placement[path]):
       clash = [n for n in method.leaf_names if n in module_params]
       if clash:
         raise AdapterError(f'{site.describe()} already has parameters named {clash}; cannot add {method.name}.')
       key = jax.random.fold_in(jax.random.fold_in(rng, i), j)
-      module_params.update(method.init(key, site, dtype))
+      module_params.update(_init_stacked(method, key, site, dtype, stack))
     params = set_subtree(params, path, module_params)
-    plan.append(SitePlan(site=site, methods=tuple(placement[path])))
+    plan.append(SitePlan(site=site, methods=tuple(placement[path]), stack=stack))
   return params, tuple(plan)
 
 

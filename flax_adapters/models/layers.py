@@ -80,6 +80,58 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+def _nll_sum(logits, labels, weights):
+  x = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(x, axis=-1)
+  picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+  return jnp.sum(weights * (lse - picked)), lse
+
+
+@jax.custom_vjp
+def _weighted_nll(logits, labels, weights):
+  return _nll_sum(logits, labels, weights)[0]
+
+
+def _weighted_nll_fwd(logits, labels, weights):
+  loss, lse = _nll_sum(logits, labels, weights)
+  return loss, (logits, labels, weights, lse)
+
+
+def _weighted_nll_bwd(residuals, g):
+  logits, labels, weights, lse = residuals
+  # d/dlogits of w·(logsumexp - logit[label]) is w·(softmax - onehot): one elementwise pass over the
+  # logits, with no scatter and no softmax kept from the forward.
+  onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+  grad = (probs - onehot) * (g * weights)[..., None]
+  return grad.astype(logits.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100) -> jax.Array:
+  """Mean cross-entropy over the labels that are not `ignore_index`, as `torch.nn.CrossEntropyLoss()`.
+
+  Computed in float32 whatever the logits' dtype. The gradient is written as one fused
+  `softmax - onehot` pass (a custom VJP), which saves XLA's scatter into a zero tensor of the
+  logits' size. As in torch, the mean over zero counted labels is NaN.
+
+  Args:
+    logits: `[..., vocab]`.
+    labels: int `[...]`; entries equal to `ignore_index` do not count.
+    ignore_index: the label value to skip.
+
+  Examples:
+    >>> logits = jnp.array([[0.0, 0.0], [0.0, 10.0]])
+    >>> round(float(cross_entropy(logits, jnp.array([0, -100]))), 4)  # log 2; the second is ignored
+    0.6931
+  """
+  valid = labels != ignore_index
+  weights = valid.astype(jnp.float32) / jnp.sum(valid).astype(jnp.float32)
+  return _weighted_nll(logits, jnp.where(valid, labels, 0), weights)
+
+
 def padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
   """`[batch, kv_len]` 1/0 mask -> boolean `[batch, 1, 1, kv_len]`, broadcastable over heads/queries."""
   if attention_mask is None:

@@ -79,6 +79,21 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def minor_faults() -> int:
+  """Minor page faults of this process so far (first touches of freshly mapped memory)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def reset_peak_rss() -> bool:
+  """Restart the peak-RSS count (VmHWM) from the current RSS (Linux >= 4.0); False if unsupported."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
 def rss_mib() -> float:
   with open('/proc/self/status') as f:
     for line in f:

@@ -86,22 +86,28 @@ class Worker:
            'trainable_params': n_train, 'device': str(jax.devices()[0]),
            'jax_version': jax.__version__}
     # Warm-up: the first calls (allocation, thread pools) are not timed as steps.
+    # Setup (loading the shared weights file, building, compiling) has its own peak; the training
+    # peak counts from here, so it holds what training keeps resident on each side.
+    out['setup_peak_rss_mib'] = common.peak_rss_mib()
+    out['hwm_reset'] = common.reset_peak_rss()
     out['warmup'] = self.steps(2)
     return out
 
   def steps(self, n: int):
     s = self.s
     jax = s['jax']
-    times, loads, losses = [], [], []
+    times, loads, losses, faults = [], [], [], []
     for _ in range(n):
       meter = common.LoadMeter()
+      f0 = common.minor_faults()
       t = time.perf_counter()
       s['trainable'], s['opt_state'], loss = s['compiled'](s['trainable'], s['opt_state'], s['frozen'], s['ids'])
       jax.block_until_ready((s['trainable'], s['opt_state'], loss))
       times.append(time.perf_counter() - t)
       loads.append(meter.others())
+      faults.append(common.minor_faults() - f0)
       losses.append(float(loss))
-    return {'times': times, 'loads': loads, 'losses': losses, 'peak_rss_mib': common.peak_rss_mib(),
+    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'peak_rss_mib': common.peak_rss_mib(),
             **self._device_memory()}
 
   def _device_memory(self):

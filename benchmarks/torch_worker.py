@@ -56,6 +56,10 @@ class Worker:
     out = {'build_s': time.perf_counter() - t0, 'trainable_params': sum(p.numel() for p in trainable),
            'torch_version': torch.__version__, 'threads': torch.get_num_threads(),
            'attn_implementation': model.config._attn_implementation}
+    # Setup (loading the shared weights file, building, compiling) has its own peak; the training
+    # peak counts from here, so it holds what training keeps resident on each side.
+    out['setup_peak_rss_mib'] = common.peak_rss_mib()
+    out['hwm_reset'] = common.reset_peak_rss()
     out['warmup'] = self.steps(2)
     return out
 
@@ -76,16 +80,18 @@ class Worker:
     return loss
 
   def steps(self, n: int):
-    times, loads, losses = [], [], []
+    times, loads, losses, faults = [], [], [], []
     for _ in range(n):
       meter = common.LoadMeter()
+      f0 = common.minor_faults()
       t = time.perf_counter()
       loss = self._step()
       self._sync()
       times.append(time.perf_counter() - t)
       loads.append(meter.others())
+      faults.append(common.minor_faults() - f0)
       losses.append(float(loss.detach()))
-    return {'times': times, 'loads': loads, 'losses': losses, 'peak_rss_mib': common.peak_rss_mib(),
+    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'peak_rss_mib': common.peak_rss_mib(),
             **self._device_memory()}
 
   def _device_memory(self):

@@ -25,12 +25,15 @@ def build(args):
   from flax_adapters.models.gpt2 import GPT2Config, GPT2LMHeadModel
   from flax_adapters.train import make_train_step
 
+  if args.gpu and jax.devices()[0].platform != 'gpu':
+    raise RuntimeError(f'--gpu, but JAX runs on {jax.devices()[0].platform}; install jax[cuda].')
   weights = dict(np.load(args.weights))
   cfg = GPT2Config(**hf_config_dict(args.size))
-  # GPU mode: bfloat16 compute; LoRA keeps a bfloat16 base and float32 adapters, full fine-tuning
-  # keeps float32 master weights (mixed precision), as the torch side does under autocast.
-  compute = jnp.bfloat16 if args.gpu else jnp.float32
-  base_dtype = jnp.bfloat16 if (args.gpu and args.mode == 'lora') else jnp.float32
+  # GPU mode (--bf16, implied by --gpu): bfloat16 compute; LoRA keeps a bfloat16 base and float32
+  # adapters, full fine-tuning keeps float32 master weights (mixed precision), as the torch side
+  # does under autocast.
+  compute = jnp.bfloat16 if args.bf16 else jnp.float32
+  base_dtype = jnp.bfloat16 if (args.bf16 and args.mode == 'lora') else jnp.float32
   model = GPT2LMHeadModel(cfg, dtype=compute, param_dtype=base_dtype)
   params = get_family('gpt2').torch_to_flax(
       {k: v for k, v in weights.items() if ':' not in k and k != 'input_ids'}, cfg, param_dtype=base_dtype)
@@ -150,6 +153,13 @@ class Worker:
     return {'merge_s': merge_times, 'latency_s': lat, 'merged_vs_adapted_max_abs': diff,
             'logit_scale': scale, 'forward_compile_s': compile_t}
 
+  def trace(self, steps: int, out: str):
+    """A jax.profiler trace (with a Perfetto JSON) of `steps` steps, for benchmarks/profile.py."""
+    jax = self.s['jax']
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      self.steps(steps)
+    return {}
+
   def final(self):
     return {'peak_rss_mib': common.peak_rss_mib(), **self._device_memory()}
 
@@ -167,9 +177,11 @@ def main():
   parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
   parser.add_argument('--weights', required=True)
   parser.add_argument('--gpu', action='store_true')
+  parser.add_argument('--bf16', action='store_true')
   args = parser.parse_args()
+  args.bf16 = args.bf16 or args.gpu
   w = Worker(args)
-  common.serve({'setup': w.setup, 'steps': w.steps, 'merge': w.merge, 'final': w.final})
+  common.serve({'setup': w.setup, 'steps': w.steps, 'merge': w.merge, 'trace': w.trace, 'final': w.final})
 
 
 if __name__ == '__main__':

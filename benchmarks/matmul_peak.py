@@ -1,4 +1,4 @@
-"""The processor's practical matmul peak: GFLOP/s of a large jitted matmul, fp32 (bf16 with --gpu).
+"""The processor's practical matmul peak: GFLOP/s of a large jitted matmul, fp32 (bf16 with --gpu/--bf16).
 
 `python -m benchmarks.matmul_peak jax|torch [--gpu]` prints one JSON line {size: GFLOP/s} (best of
 several runs, after a warm-up). run.py takes the best over both frameworks.
@@ -23,13 +23,13 @@ def _best(fn, repeats):
   return best
 
 
-def main(framework: str, gpu: bool) -> None:
+def main(framework: str, gpu: bool, bf16: bool) -> None:
   out = {}
   repeats = 20 if gpu else 5
   if framework == 'jax':
     import jax
     import jax.numpy as jnp
-    dtype = jnp.bfloat16 if gpu else jnp.float32
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
     f = jax.jit(lambda a, b: a @ b)
     for n in SIZES:
       a = jax.random.normal(jax.random.key(0), (n, n), dtype)
@@ -40,7 +40,7 @@ def main(framework: str, gpu: bool) -> None:
     import torch
     torch.set_num_threads(os.cpu_count())
     dev = 'cuda' if gpu else 'cpu'
-    dtype = torch.bfloat16 if gpu else torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     for n in SIZES:
       a = torch.randn(n, n, dtype=dtype, device=dev)
@@ -52,4 +52,4 @@ def main(framework: str, gpu: bool) -> None:
 
 
 if __name__ == '__main__':
-  main(sys.argv[1], '--gpu' in sys.argv[2:])
+  main(sys.argv[1], '--gpu' in sys.argv[2:], '--gpu' in sys.argv[2:] or '--bf16' in sys.argv[2:])

@@ -45,7 +45,8 @@ class Worker:
     self.name = name
     self.log = open(os.path.join(args.tmp, f'{name}.log'), 'w')
     cmd = [sys.executable, '-m', f'benchmarks.{module}', '--mode', name.split('_')[1],
-           '--size', args.size, '--weights', args.weights] + (['--gpu'] if args.gpu else [])
+           '--size', args.size, '--weights', args.weights] + (['--gpu'] if args.gpu else []) + (
+               ['--bf16'] if args.bf16 else [])
     self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=self.log, text=True, env=env)
 
@@ -82,7 +83,8 @@ def matmul_peak(args, env):
   for _ in range(2):  # interleaved: jax, torch, jax, torch
     for fw in ('jax', 'torch'):
       common.wait_quiet(max_wait=args.max_wait)
-      got = run_json([sys.executable, '-m', 'benchmarks.matmul_peak', fw] + (['--gpu'] if args.gpu else []), env)
+      got = run_json([sys.executable, '-m', 'benchmarks.matmul_peak', fw] + (['--gpu'] if args.gpu else [])
+                     + (['--bf16'] if args.bf16 else []), env)
       for n, v in got.items():
         best[fw][n] = max(best[fw].get(n, 0.0), v)
   peak = max(v for fw in best.values() for v in fw.values())
@@ -110,7 +112,9 @@ def summarize_pair(rounds, a, b):
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--quick', action='store_true', help='small model, few rounds (smoke test)')
-  p.add_argument('--gpu', action='store_true', help='bf16 compute, fp32 adapters, on a GPU')
+  p.add_argument('--gpu', action='store_true', help='on a GPU, both sides: bf16 compute, fp32 adapters')
+  p.add_argument('--bf16', action='store_true',
+                 help='bf16 compute, fp32 adapters (implied by --gpu; on CPU: a smoke test of that mode)')
   p.add_argument('--rounds', type=int, default=None, help='interleaved rounds (default 6; 3 quick)')
   p.add_argument('--steps-per-round', type=int, default=2)
   p.add_argument('--max-wait', type=float, default=20.0,
@@ -122,6 +126,7 @@ def main(argv=None):
   p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md')
   args = p.parse_args(argv)
   args.size = 'quick' if args.quick else 'gpt2'
+  args.bf16 = args.bf16 or args.gpu
   args.rounds = args.rounds or (3 if args.quick else 6)
   skip = set(filter(None, args.skip.split(',')))
   env = dict(os.environ)
@@ -141,7 +146,7 @@ def main(argv=None):
     subprocess.run([sys.executable, '-m', 'benchmarks.make_weights', args.size, args.weights],
                    cwd=ROOT, check=True, env=env, stderr=subprocess.DEVNULL)
     result = {'machine': common.machine(), 'size': args.size, 'config': SIZES[args.size],
-              'lora': LORA, 'gpu': args.gpu, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
+              'lora': LORA, 'gpu': args.gpu, 'bf16': args.bf16, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
               'xla_flags': env.get('XLA_FLAGS', ''), 'glibc_tunables': env.get('GLIBC_TUNABLES', ''), 'n_rounds': args.rounds,
               'steps_per_round': args.steps_per_round, 'targets': TARGETS}
     if 'peak' not in skip:
@@ -182,10 +187,13 @@ def main(argv=None):
       for w in workers.values():
         w.close()
 
+  if args.gpu:
+    result['gpu_name'] = result['setup']['torch_lora'].get('gpu_name') or ''
   result['summary'] = summarize(result)
   result['wall_s'] = time.perf_counter() - t_start
   out = args.out or os.path.join(
-      HERE, 'results', f"{args.size}-{'gpu' if args.gpu else 'cpu'}-{result['date'].replace(':', '')}.json")
+      HERE, 'results',
+      f"{args.size}-{'gpu' if args.gpu else 'cpu'}{'-bf16' if args.bf16 else ''}-{result['date'].replace(':', '')}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(result, f, indent=1)
@@ -257,8 +265,11 @@ def format_table(res):
   s, m = res['summary'], res['machine']
   ja, to = s['lora']['jax_lora'], s['lora']['torch_lora']
   rows = [
-      f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {'GPU' if res['gpu'] else 'CPU'}; "
-      f"model {res['size']} {res['config']}; {res['date']}",
+      f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; "
+      f"{'GPU ' + res.get('gpu_name', '') if res['gpu'] else 'CPU'}; "
+      f"{'bf16 compute, fp32 adapters' if res.get('bf16') else 'fp32'}; "
+      f"model {res['size']} {res['config']}; {res['date']}"
+      + ('' if res['size'] == 'gpt2' else ' (smoke test: the targets are for GPT-2 small)'),
       '',
       '| measurement | flax_adapters | PEFT (torch) | ratio | target | met |',
       '|---|---|---|---|---|---|',

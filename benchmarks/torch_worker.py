@@ -35,7 +35,7 @@ class Worker:
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(args.size)))
     model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()
                            if ":" not in k and k != "input_ids"})
-    if args.gpu and args.mode == 'lora':
+    if args.bf16 and args.mode == 'lora':
       model = model.to(torch.bfloat16)  # frozen bf16 base; PEFT keeps the adapters float32
     if args.mode == 'lora':
       model = get_peft_model(model, LoraConfig(
@@ -53,7 +53,8 @@ class Worker:
     trainable = [p for p in model.parameters() if p.requires_grad]
     self.opt = torch.optim.AdamW(trainable, lr=ADAMW['lr'], betas=(ADAMW['b1'], ADAMW['b2']),
                                  eps=ADAMW['eps'], weight_decay=ADAMW['weight_decay'])
-    out = {'build_s': time.perf_counter() - t0, 'trainable_params': sum(p.numel() for p in trainable),
+    out = {'build_s': time.perf_counter() - t0,
+           'gpu_name': torch.cuda.get_device_name() if args.gpu else None, 'trainable_params': sum(p.numel() for p in trainable),
            'torch_version': torch.__version__, 'threads': torch.get_num_threads(),
            'attn_implementation': model.config._attn_implementation}
     # Setup (loading the shared weights file, building, compiling) has its own peak; the training
@@ -69,8 +70,8 @@ class Worker:
 
   def _step(self):
     torch = self.torch
-    if self.args.gpu:
-      with torch.autocast('cuda', dtype=torch.bfloat16):
+    if self.args.bf16:
+      with torch.autocast(self.device.type, dtype=torch.bfloat16):
         loss = self.model(input_ids=self.ids, labels=self.ids).loss
     else:
       loss = self.model(input_ids=self.ids, labels=self.ids).loss
@@ -121,7 +122,9 @@ def main():
   parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
   parser.add_argument('--weights', required=True)
   parser.add_argument('--gpu', action='store_true')
+  parser.add_argument('--bf16', action='store_true')
   args = parser.parse_args()
+  args.bf16 = args.bf16 or args.gpu
   w = Worker(args)
   common.serve({'setup': w.setup, 'steps': w.steps, 'profile': w.profile, 'final': w.final})
 

@@ -8,6 +8,7 @@ the layout of an `nn.Dense` kernel, and `c_attn` stays one fused Dense of `3 * n
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -127,6 +128,49 @@ class Dense(nn.Dense):
     return y + bias if bias is not None else y
 
 
+def _attention_fwd_core(qkv, mask, scale):
+  """Causal softmax attention on the fused `[B, T, 3, N, H]` projections; heads-major inside."""
+  qkv_t = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, N, T, H]: one copy, then no transposes
+  q, k, v = qkv_t[0], qkv_t[1], qkv_t[2]
+  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32) * scale
+  t = logits.shape[-1]
+  allowed = jnp.tril(jnp.ones((t, t), bool))
+  if mask is not None:
+    allowed = allowed & mask  # [B, 1, 1|T, T]
+  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out = jnp.einsum('bnts,bnsh->bnth', probs.astype(v.dtype), v)
+  return out, (qkv_t, probs, out)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _causal_attention(qkv, mask, scale):
+  """`[B, T, 3, N, H]` fused q/k/v -> `[B, N, T, H]` attention output (softmax in float32)."""
+  return _attention_fwd_core(qkv, mask, scale)[0]
+
+
+def _causal_attention_fwd(qkv, mask, scale):
+  out, residuals = _attention_fwd_core(qkv, mask, scale)
+  return out, residuals
+
+
+def _causal_attention_bwd(scale, residuals, d_out):
+  qkv_t, probs, out = residuals
+  q, k, v = qkv_t[0], qkv_t[1], qkv_t[2]
+  d_probs = jnp.einsum('bnth,bnsh->bnts', d_out, v, preferred_element_type=jnp.float32)
+  # softmax backward with rowsum(dP∘P) = rowsum(dO∘O), a reduction over H instead of T.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = (probs * (d_probs - delta) * scale).astype(q.dtype)
+  dq = jnp.einsum('bnts,bnsh->bnth', d_logits, k)
+  dk = jnp.einsum('bnts,bnth->bnsh', d_logits, q)
+  dv = jnp.einsum('bnts,bnth->bnsh', probs.astype(d_out.dtype), d_out)
+  d_qkv = jnp.transpose(jnp.stack([dq, dk, dv]), (1, 3, 0, 2, 4))  # back to [B, T, 3, N, H]
+  return d_qkv.astype(qkv_t.dtype), None
+
+
+_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+
+
 class GPT2Attention(nn.Module):
   config: GPT2Config
   layer_idx: int
@@ -141,14 +185,16 @@ class GPT2Attention(nn.Module):
     batch, length, _ = x.shape
     qkv = dense(3 * cfg.n_embd, 'c_attn')(x)
     qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
     if cfg.scale_attn_by_inverse_layer_idx:
       scale /= float(self.layer_idx + 1)
-    use_dropout = not deterministic and cfg.attn_pdrop > 0
-    y = dot_product_attention(
-        q, k, v, scale=scale, mask=mask, is_causal=True,
-        dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng('dropout') if use_dropout else None)
+    if not deterministic and cfg.attn_pdrop > 0:
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      y = dot_product_attention(
+          q, k, v, scale=scale, mask=mask, is_causal=True,
+          dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng('dropout'))
+    else:
+      y = jnp.transpose(_causal_attention(qkv, mask, float(scale)), (0, 2, 1, 3))
     y = dense(cfg.n_embd, 'c_proj')(y.reshape(batch, length, cfg.n_embd))
     return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
 

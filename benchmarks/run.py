@@ -31,6 +31,20 @@ from benchmarks.setup_cfg import LORA, SIZES
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
+# glibc malloc settings (GLIBC_TUNABLES), applied to both sides alike. XLA:CPU allocates a step's
+# temporaries as one buffer (~0.5 GB for GPT-2 LoRA) on every call; glibc serves it with a fresh
+# mmap and returns it with munmap, so every step page-faults it in again (~180k faults of 4 KiB,
+# ~20% of the step) and, on this VM, memory returned to the host while a process idles costs up to
+# a second to fault back in. 'thp' backs malloc's large blocks with transparent huge pages (512x
+# fewer faults); 'retain' also keeps freed memory in the process (one arena, no mmap, no trimming),
+# so a training loop's buffers are reused without faults. torch gets the same settings.
+MALLOC = {
+    'default': '',
+    'thp': 'glibc.malloc.hugetlb=1',
+    'retain': 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+              'glibc.malloc.trim_threshold=68719476736',
+}
+
 TARGETS = {
     'lora_vs_peft': 1.0, 'lora_vs_peft_aim': 0.85, 'lora_mem_vs_peft': 0.85,
     'full_vs_peft': 0.85, 'lora_vs_own_full': 0.68, 'lora_peak_fraction': 0.60,
@@ -119,8 +133,8 @@ def main(argv=None):
   p.add_argument('--steps-per-round', type=int, default=2)
   p.add_argument('--max-wait', type=float, default=20.0,
                  help='seconds to wait for a quiet machine before each block of steps')
-  p.add_argument('--no-thp', action='store_true',
-                 help='do not set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for the workers')
+  p.add_argument('--malloc', choices=tuple(MALLOC), default='retain',
+                 help='glibc malloc settings for both sides (default: retain; see README.md)')
   p.add_argument('--skip', default='', help='comma list of parts to skip: peak,full,merge')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/<size>-<device>-<time>.json)')
   p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md')
@@ -132,11 +146,9 @@ def main(argv=None):
   env = dict(os.environ)
   if not args.gpu:
     env.setdefault('JAX_PLATFORMS', 'cpu')
-  if not args.no_thp:
-    # Transparent huge pages for glibc malloc, in every worker (both sides): XLA allocates a step's
-    # temporaries (~0.7 GB for GPT-2 LoRA) afresh on each call, and with 4 KiB pages that is
-    # ~180k page faults per step; torch's allocator takes ~110k. See README.md.
-    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), 'glibc.malloc.hugetlb=1']))
+  if MALLOC[args.malloc]:
+    # The same glibc malloc settings for every worker (both sides); see MALLOC and README.md.
+    env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), MALLOC[args.malloc]]))
   t_start = time.perf_counter()
 
   with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +159,8 @@ def main(argv=None):
                    cwd=ROOT, check=True, env=env, stderr=subprocess.DEVNULL)
     result = {'machine': common.machine(), 'size': args.size, 'config': SIZES[args.size],
               'lora': LORA, 'gpu': args.gpu, 'bf16': args.bf16, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
-              'xla_flags': env.get('XLA_FLAGS', ''), 'glibc_tunables': env.get('GLIBC_TUNABLES', ''), 'n_rounds': args.rounds,
+              'xla_flags': env.get('XLA_FLAGS', ''), 'malloc': args.malloc,
+              'glibc_tunables': env.get('GLIBC_TUNABLES', ''), 'n_rounds': args.rounds,
               'steps_per_round': args.steps_per_round, 'targets': TARGETS}
     if 'peak' not in skip:
       say('[run] matmul peak ...')

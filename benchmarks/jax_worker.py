@@ -92,6 +92,7 @@ class Worker:
     # Setup (loading the shared weights file, building, compiling) has its own peak; the training
     # peak counts from here, so it holds what training keeps resident on each side.
     out['setup_peak_rss_mib'] = common.peak_rss_mib()
+    common.release_free_memory()
     out['hwm_reset'] = common.reset_peak_rss()
     out['warmup'] = self.steps(2)
     return out
@@ -99,18 +100,19 @@ class Worker:
   def steps(self, n: int):
     s = self.s
     jax = s['jax']
-    times, loads, losses, faults = [], [], [], []
+    times, loads, losses, faults, dispatch = [], [], [], [], []
     for _ in range(n):
       meter = common.LoadMeter()
       f0 = common.minor_faults()
       t = time.perf_counter()
       s['trainable'], s['opt_state'], loss = s['compiled'](s['trainable'], s['opt_state'], s['frozen'], s['ids'])
+      dispatch.append(time.perf_counter() - t)  # host time to launch the step (asynchronous)
       jax.block_until_ready((s['trainable'], s['opt_state'], loss))
       times.append(time.perf_counter() - t)
       loads.append(meter.others())
       faults.append(common.minor_faults() - f0)
       losses.append(float(loss))
-    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'peak_rss_mib': common.peak_rss_mib(),
+    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'dispatch_s': dispatch, 'peak_rss_mib': common.peak_rss_mib(),
             **self._device_memory()}
 
   def _device_memory(self):

@@ -243,6 +243,9 @@ def summarize(res):
   # merged copy of the params), and the whole process's peak including setup (loading the shared
   # weights file, building, compiling).
   s['peak_rss_mib'] = {n: max(r[n]['peak_rss_mib'] for r in rounds) for n in rounds[0]}
+  s['page_faults_per_step'] = {n: median([x for r in rounds for x in r[n]['page_faults']]) for n in rounds[0]}
+  s['dispatch_ms'] = {n: 1e3 * median([x for r in rounds for x in r[n]['dispatch_s']])
+                      for n in rounds[0] if 'dispatch_s' in rounds[0][n]}
   s['process_peak_rss_mib'] = {n: max(s['peak_rss_mib'][n], res['setup'][n]['setup_peak_rss_mib'])
                                for n in rounds[0]}
   if res['gpu']:
@@ -343,6 +346,9 @@ def format_table(res):
               + ', '.join(f"{n} {s[k][n + '_load']:.2f}" for k, names in
                           (('lora', ('jax_lora', 'torch_lora')), ('full', ('jax_full', 'torch_full')))
                           if k in s for n in names) + '.')
+  rows.append('Page faults per step (median): ' + ', '.join(
+      f'{n} {v:.0f}' for n, v in s['page_faults_per_step'].items()) + '. Host time to launch a jitted step: '
+      + ', '.join(f'{n} {v:.2f} ms' for n, v in s['dispatch_ms'].items()) + '.')
   rows.append('FLOPs per step (analytic, both sides): LoRA %.1f G, full %.1f G. XLA_FLAGS=%r, '
               'GLIBC_TUNABLES=%r (both sides).' % (
       s['flops']['lora'] / 1e9, s['flops']['full'] / 1e9, res['xla_flags'], res.get('glibc_tunables', '')))

@@ -60,6 +60,7 @@ class Worker:
     # Setup (loading the shared weights file, building, compiling) has its own peak; the training
     # peak counts from here, so it holds what training keeps resident on each side.
     out['setup_peak_rss_mib'] = common.peak_rss_mib()
+    common.release_free_memory()
     out['hwm_reset'] = common.reset_peak_rss()
     out['warmup'] = self.steps(2)
     return out

@@ -89,12 +89,15 @@ class Worker:
            'trainable_params': n_train, 'device': str(jax.devices()[0]),
            'jax_version': jax.__version__}
     # Warm-up: the first calls (allocation, thread pools) are not timed as steps.
-    # Setup (loading the shared weights file, building, compiling) has its own peak; the training
-    # peak counts from here, so it holds what training keeps resident on each side.
+    # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
+    # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
+    # the training peak (over the timed steps) holds what training keeps resident on each side.
+    out['warmup'] = self.steps(2)
     out['setup_peak_rss_mib'] = common.peak_rss_mib()
     common.release_free_memory()
     out['hwm_reset'] = common.reset_peak_rss()
-    out['warmup'] = self.steps(2)
+    # One more untimed step: it faults the released buffers back in (its peak counts as training).
+    out['warmup_after_release'] = self.steps(1)
     return out
 
   def steps(self, n: int):

@@ -235,14 +235,19 @@ def summarize(res):
   for mode in ('lora', 'full'):
     if f'jax_{mode}' not in rounds[0]:
       continue
-    ja = res['setup'][f'jax_{mode}']['warmup']['losses'] + [x for r in rounds for x in r[f'jax_{mode}']['losses']]
-    to = res['setup'][f'torch_{mode}']['warmup']['losses'] + [x for r in rounds for x in r[f'torch_{mode}']['losses']]
+    def losses(side):
+      st = res['setup'][f'{side}_{mode}']
+      return (st['warmup']['losses'] + st['warmup_after_release']['losses']
+              + [x for r in rounds for x in r[f'{side}_{mode}']['losses']])
+    ja, to = losses('jax'), losses('torch')
     s['loss_max_abs_diff'][mode] = max(abs(x - y) for x, y in zip(ja, to))
     s.setdefault('first_loss', {})[mode] = {'jax': ja[0], 'torch': to[0]}
-  # Peak RSS while training (counted from the end of setup, up to before merging, which adds a
-  # merged copy of the params), and the whole process's peak including setup (loading the shared
-  # weights file, building, compiling).
-  s['peak_rss_mib'] = {n: max(r[n]['peak_rss_mib'] for r in rounds) for n in rounds[0]}
+  # Peak RSS while training (over the timed steps, counted from after the warm-up and a
+  # malloc_trim, up to before merging, which adds a merged copy of the params), and the whole
+  # process's peak including setup (loading the shared weights file, building, compiling) and the
+  # two warm-up steps.
+  s['peak_rss_mib'] = {n: max([r[n]['peak_rss_mib'] for r in rounds]
+                               + [res['setup'][n]['warmup_after_release']['peak_rss_mib']]) for n in rounds[0]}
   s['page_faults_per_step'] = {n: median([x for r in rounds for x in r[n]['page_faults']]) for n in rounds[0]}
   s['dispatch_ms'] = {n: 1e3 * median([x for r in rounds for x in r[n]['dispatch_s']])
                       for n in rounds[0] if 'dispatch_s' in rounds[0][n]}
@@ -303,12 +308,12 @@ def format_table(res):
   pr, pp = s['peak_rss_mib'], s['process_peak_rss_mib']
   rows.append(f"| LoRA peak RSS while training (MiB) | {pr['jax_lora']:.0f} | {pr['torch_lora']:.0f} | "
               f"{s['mem_ratio_lora']:.3f} | <= 0.85 | {_ok(s['mem_ratio_lora'] <= 0.85)} |")
-  rows.append(f"| LoRA peak RSS of the process, incl. setup (MiB) | {pp['jax_lora']:.0f} | {pp['torch_lora']:.0f} | "
+  rows.append(f"| LoRA peak RSS of the process, incl. setup and warm-up (MiB) | {pp['jax_lora']:.0f} | {pp['torch_lora']:.0f} | "
               f"{s['process_mem_ratio_lora']:.3f} | <= 0.85 | {_ok(s['process_mem_ratio_lora'] <= 0.85)} |")
   if 'full' in s:
     rows.append(f"| full peak RSS while training (MiB) | {pr['jax_full']:.0f} | {pr['torch_full']:.0f} | "
                 f"{s['mem_ratio_full']:.3f} | | |")
-    rows.append(f"| full peak RSS of the process, incl. setup (MiB) | {pp['jax_full']:.0f} | {pp['torch_full']:.0f} | "
+    rows.append(f"| full peak RSS of the process, incl. setup and warm-up (MiB) | {pp['jax_full']:.0f} | {pp['torch_full']:.0f} | "
                 f"{s['process_mem_ratio_full']:.3f} | | |")
   if res['gpu'] and 'device_peak_mib' in s:
     dp = s['device_peak_mib']
@@ -339,7 +344,7 @@ def format_table(res):
               + (f", full {st['jax_full']['compile_s']:.1f}" if 'jax_full' in st else '') + ' | | | | |')
   rows.append('')
   lo = s['lora']
-  rows.append(f"Steps per side: {lo['jax_lora_steps']} timed (after 2 warm-up), {res['n_rounds']} interleaved rounds. "
+  rows.append(f"Steps per side: {lo['jax_lora_steps']} timed (after 3 warm-up), {res['n_rounds']} interleaved rounds. "
               f"Loss agreement (same weights, batch, AdamW): max |loss_jax - loss_torch| = "
               + ', '.join(f'{k} {v:.1e}' for k, v in s['loss_max_abs_diff'].items()) + '. '
               f"Median CPU share taken by other processes during the steps: "

@@ -57,12 +57,15 @@ class Worker:
            'gpu_name': torch.cuda.get_device_name() if args.gpu else None, 'trainable_params': sum(p.numel() for p in trainable),
            'torch_version': torch.__version__, 'threads': torch.get_num_threads(),
            'attn_implementation': model.config._attn_implementation}
-    # Setup (loading the shared weights file, building, compiling) has its own peak; the training
-    # peak counts from here, so it holds what training keeps resident on each side.
+    # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
+    # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
+    # the training peak (over the timed steps) holds what training keeps resident on each side.
+    out['warmup'] = self.steps(2)
     out['setup_peak_rss_mib'] = common.peak_rss_mib()
     common.release_free_memory()
     out['hwm_reset'] = common.reset_peak_rss()
-    out['warmup'] = self.steps(2)
+    # One more untimed step: it faults the released buffers back in (its peak counts as training).
+    out['warmup_after_release'] = self.steps(1)
     return out
 
   def _sync(self):

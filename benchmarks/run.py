@@ -55,10 +55,10 @@ TARGETS = {
 class Worker:
   """A side in its own process, driven by one JSON line per command."""
 
-  def __init__(self, name, module, args, env=None):
+  def __init__(self, name, module, args, env=None, mode=None):
     self.name = name
     self.log = open(os.path.join(args.tmp, f'{name}.log'), 'w')
-    cmd = [sys.executable, '-m', f'benchmarks.{module}', '--mode', name.split('_')[1],
+    cmd = [sys.executable, '-m', f'benchmarks.{module}', '--mode', mode or name.split('_')[1],
            '--size', args.size, '--weights', args.weights] + (['--gpu'] if args.gpu else []) + (
                ['--bf16'] if args.bf16 else [])
     self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -134,8 +134,10 @@ def main(argv=None):
   p.add_argument('--max-wait', type=float, default=20.0,
                  help='seconds to wait for a quiet machine before each block of steps')
   p.add_argument('--malloc', choices=tuple(MALLOC), default='retain',
-                 help='glibc malloc settings for both sides (default: retain; see README.md)')
-  p.add_argument('--skip', default='', help='comma list of parts to skip: peak,full,merge')
+                 help='glibc malloc settings for both sides in the timed run (default: retain; see README.md)')
+  p.add_argument('--mem-malloc', choices=tuple(MALLOC), default='thp',
+                 help='glibc malloc settings for the memory run, each side alone (default: thp)')
+  p.add_argument('--skip', default='', help='comma list of parts to skip: peak,full,merge,memory')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/<size>-<device>-<time>.json)')
   p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md')
   args = p.parse_args(argv)
@@ -159,7 +161,7 @@ def main(argv=None):
                    cwd=ROOT, check=True, env=env, stderr=subprocess.DEVNULL)
     result = {'machine': common.machine(), 'size': args.size, 'config': SIZES[args.size],
               'lora': LORA, 'gpu': args.gpu, 'bf16': args.bf16, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
-              'xla_flags': env.get('XLA_FLAGS', ''), 'malloc': args.malloc,
+              'xla_flags': env.get('XLA_FLAGS', ''), 'malloc': args.malloc, 'mem_malloc': args.mem_malloc,
               'glibc_tunables': env.get('GLIBC_TUNABLES', ''), 'n_rounds': args.rounds,
               'steps_per_round': args.steps_per_round, 'targets': TARGETS}
     if 'peak' not in skip:
@@ -199,6 +201,27 @@ def main(argv=None):
     finally:
       for w in workers.values():
         w.close()
+
+    if 'memory' not in skip and MALLOC[args.mem_malloc] is not None:
+      # Memory: each side alone in a fresh process, under an allocator that returns freed memory
+      # (the speed run's 'retain' setting keeps it, and how its heap fragments varies run to run).
+      menv = dict(env)
+      menv['GLIBC_TUNABLES'] = MALLOC[args.mem_malloc]
+      result['memory'] = {'malloc': args.mem_malloc, 'glibc_tunables': MALLOC[args.mem_malloc]}
+      for n in names:
+        say(f'[run] memory of {n} (malloc={args.mem_malloc}) ...')
+        w = Worker(n + '_mem', 'jax_worker' if n.startswith('jax') else 'torch_worker', args, menv,
+                   mode=n.split('_')[1])
+        try:
+          st = w.call('setup')
+          steps = w.call('steps', n=4)
+          result['memory'][n] = {
+              'train_peak_rss_mib': max(st['warmup_after_release']['peak_rss_mib'], steps['peak_rss_mib']),
+              'process_peak_rss_mib': max(st['setup_peak_rss_mib'], steps['peak_rss_mib'],
+                                          st['warmup_after_release']['peak_rss_mib']),
+              'times': steps['times']}
+        finally:
+          w.close()
 
   if args.gpu:
     result['gpu_name'] = result['setup']['torch_lora'].get('gpu_name') or ''
@@ -256,9 +279,16 @@ def summarize(res):
   if res['gpu']:
     s['device_peak_mib'] = {n: max(r[n].get('device_peak_mib', 0) for r in rounds) for n in rounds[0]}
   for key, peaks in (('', s['peak_rss_mib']), ('process_', s['process_peak_rss_mib'])):
-    s[f'{key}mem_ratio_lora'] = peaks['jax_lora'] / peaks['torch_lora']
+    s[f'speedrun_{key}mem_ratio_lora'] = peaks['jax_lora'] / peaks['torch_lora']
     if 'full' in s:
-      s[f'{key}mem_ratio_full'] = peaks['jax_full'] / peaks['torch_full']
+      s[f'speedrun_{key}mem_ratio_full'] = peaks['jax_full'] / peaks['torch_full']
+  if 'memory' in res:
+    mem = res['memory']
+    for key in ('train', 'process'):
+      for mode in ('lora', 'full'):
+        if f'jax_{mode}' in mem:
+          s[f'{key}_mem_ratio_{mode}'] = (mem[f'jax_{mode}'][f'{key}_peak_rss_mib']
+                                          / mem[f'torch_{mode}'][f'{key}_peak_rss_mib'])
   if 'matmul' in res:
     peak = res['matmul']['peak_gflops']
     s['achieved_gflops'] = {}
@@ -305,16 +335,20 @@ def format_table(res):
     rows.append(f"| LoRA step / own full step | {o['ratio']:.3f} | "
                 f"{s['peft_lora_vs_peft_full']['ratio']:.3f} | | <= 0.68 (FLOP floor "
                 f"{s['flops']['lora'] / s['flops']['full']:.2f}) | {_ok(o['ratio'] <= 0.68)} |")
-  pr, pp = s['peak_rss_mib'], s['process_peak_rss_mib']
-  rows.append(f"| LoRA peak RSS while training (MiB) | {pr['jax_lora']:.0f} | {pr['torch_lora']:.0f} | "
-              f"{s['mem_ratio_lora']:.3f} | <= 0.85 | {_ok(s['mem_ratio_lora'] <= 0.85)} |")
-  rows.append(f"| LoRA peak RSS of the process, incl. setup and warm-up (MiB) | {pp['jax_lora']:.0f} | {pp['torch_lora']:.0f} | "
-              f"{s['process_mem_ratio_lora']:.3f} | <= 0.85 | {_ok(s['process_mem_ratio_lora'] <= 0.85)} |")
-  if 'full' in s:
-    rows.append(f"| full peak RSS while training (MiB) | {pr['jax_full']:.0f} | {pr['torch_full']:.0f} | "
-                f"{s['mem_ratio_full']:.3f} | | |")
-    rows.append(f"| full peak RSS of the process, incl. setup and warm-up (MiB) | {pp['jax_full']:.0f} | {pp['torch_full']:.0f} | "
-                f"{s['process_mem_ratio_full']:.3f} | | |")
+  pr = s['peak_rss_mib']
+  if 'memory' in res:
+    mem = res['memory']
+    for mode in ('lora', 'full'):
+      if f'jax_{mode}' not in mem:
+        continue
+      target = ' <= 0.85 |' if mode == 'lora' else ' |'
+      for key, label in (('train', 'while training'), ('process', 'of the process, incl. setup')):
+        r = s[f'{key}_mem_ratio_{mode}']
+        met = _ok(r <= 0.85) if mode == 'lora' else ''
+        rows.append(f"| {'LoRA' if mode == 'lora' else 'full'} peak RSS {label} (MiB) | "
+                    f"{mem[f'jax_{mode}'][f'{key}_peak_rss_mib']:.0f} | {mem[f'torch_{mode}'][f'{key}_peak_rss_mib']:.0f} | "
+                    f"{r:.3f} |{target} {met} |")
+  speed_mem = ', '.join(f'{n} {v:.0f}' for n, v in pr.items())
   if res['gpu'] and 'device_peak_mib' in s:
     dp = s['device_peak_mib']
     rows.append(f"| LoRA peak device memory (MiB) | {dp['jax_lora']:.0f} | {dp['torch_lora']:.0f} | "
@@ -354,6 +388,12 @@ def format_table(res):
   rows.append('Page faults per step (median): ' + ', '.join(
       f'{n} {v:.0f}' for n, v in s['page_faults_per_step'].items()) + '. Host time to launch a jitted step: '
       + ', '.join(f'{n} {v:.2f} ms' for n, v in s['dispatch_ms'].items()) + '.')
+  if 'memory' in res:
+    rows.append(f"Peak RSS: each side alone in a fresh process with GLIBC_TUNABLES={res['memory']['glibc_tunables']!r} "
+                '(freed memory goes back to the OS); "while training" counts from after 2 warm-up steps and a '
+                f"malloc_trim. In the timed run (retaining allocator) the training peaks were: {speed_mem} MiB.")
+  else:
+    rows.append(f'Peak RSS while training, timed run: {speed_mem} MiB.')
   rows.append('FLOPs per step (analytic, both sides): LoRA %.1f G, full %.1f G. XLA_FLAGS=%r, '
               'GLIBC_TUNABLES=%r (both sides).' % (
       s['flops']['lora'] / 1e9, s['flops']['full'] / 1e9, res['xla_flags'], res.get('glibc_tunables', '')))

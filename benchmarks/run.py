@@ -229,7 +229,8 @@ def main(argv=None):
   result['wall_s'] = time.perf_counter() - t_start
   out = args.out or os.path.join(
       HERE, 'results',
-      f"{args.size}-{'gpu' if args.gpu else 'cpu'}{'-bf16' if args.bf16 else ''}-{result['date'].replace(':', '')}.json")
+      f"{args.size}-{'gpu' if args.gpu else 'cpu'}{'-bf16' if args.bf16 else ''}"
+      f"{'' if args.malloc == 'retain' else '-malloc-' + args.malloc}-{result['date'].replace(':', '')}.json")
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(result, f, indent=1)

@@ -78,21 +78,26 @@ def _linear(x, kernel):
 
 
 def _linear_fwd(x, kernel):
-  return _linear(x, kernel), (x, kernel)
+  # symbolic_zeros: `.perturbed` says whether a gradient is wanted. A frozen kernel (LoRA) needs
+  # no kernel gradient, so x is not kept for it.
+  x_res = x.value if kernel.perturbed else None
+  return _linear(x.value, kernel.value), (x_res, kernel.value)
 
 
 def _linear_bwd(residuals, g):
   x, kernel = residuals
   dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  if x is None:
+    return dx, None
   # The kernel gradient as one `x^T·g` GEMM over the flattened tokens. Autodiff of `x·W` instead
   # gives `transpose(dot(g, x))`, which XLA:CPU lowers to a transposed copy of `g` and a slower
-  # non-library GEMM. When the kernel is frozen this output is unused and XLA drops it.
+  # non-library GEMM.
   x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
   dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
-_linear.defvjp(_linear_fwd, _linear_bwd)
+_linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
 
 
 @jax.custom_vjp

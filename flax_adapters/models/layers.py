@@ -83,6 +83,166 @@ class RMSNorm(nn.Module):
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
+def _nll_sum(logits, labels, weights):
+  x = logits.astype(jnp.float32)
+  lse = jax.nn.logsumexp(x, axis=-1)
+  picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
+  return jnp.sum(weights * (lse - picked)), lse
+
+
+@jax.custom_vjp
+def _weighted_nll(logits, labels, weights):
+  return _nll_sum(logits, labels, weights)[0]
+
+
+def _weighted_nll_fwd(logits, labels, weights):
+  loss, lse = _nll_sum(logits, labels, weights)
+  return loss, (logits, labels, weights, lse)
+
+
+def _weighted_nll_bwd(residuals, g):
+  logits, labels, weights, lse = residuals
+  # d/dlogits of w·(logsumexp - logit[label]) is w·(softmax - onehot): one elementwise pass over the
+  # logits, with no scatter and no softmax kept from the forward.
+  onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
+  probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+  grad = (probs - onehot) * (g * weights)[..., None]
+  return grad.astype(logits.dtype), None, None
+
+
+_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100) -> jax.Array:
+  """Mean cross-entropy over the labels that are not `ignore_index`, as `torch.nn.CrossEntropyLoss()`.
+
+  Computed in float32 whatever the logits' dtype. The gradient is written as one fused
+  `softmax - onehot` pass (a custom VJP), which saves XLA's scatter into a zero tensor of the
+  logits' size. As in torch, the mean over zero counted labels is NaN.
+
+  Args:
+    logits: `[..., vocab]`.
+    labels: int `[...]`; entries equal to `ignore_index` do not count.
+    ignore_index: the label value to skip.
+
+  Examples:
+    >>> logits = jnp.array([[0.0, 0.0], [0.0, 10.0]])
+    >>> round(float(cross_entropy(logits, jnp.array([0, -100]))), 4)  # log 2; the second is ignored
+    0.6931
+  """
+  valid = labels != ignore_index
+  weights = valid.astype(jnp.float32) / jnp.sum(valid).astype(jnp.float32)
+  return _weighted_nll(logits, jnp.where(valid, labels, 0), weights)
+
+
+# Logits per chunk in `tied_head_cross_entropy`: 32M (128 MB in float32). GPT-2 small at 4 x 128
+# tokens (25M logits) is one chunk; smaller chunks (fewer rows) cost GEMM efficiency on CPU (-3%
+# of the LoRA step at 2 chunks of 254 rows) for ~95 MB less memory.
+_CHUNK_LOGITS = 1 << 25
+
+
+def _head_ce_chunks(h, embedding, labels, weights, want_de: bool):
+  """Loss, d loss/d h and (if `want_de`) d loss/d embedding, a chunk of rows at a time.
+
+  With `want_de` the rows form one chunk, so the embedding gradient is one GEMM over all rows
+  (accumulating it chunk by chunk costs a zeroed and a re-read `[vocab, d]` buffer per chunk).
+  """
+  n, d = h.shape
+  vocab = embedding.shape[0]
+  n_chunks = 1 if want_de else max(1, -(-n * vocab // _CHUNK_LOGITS))
+  rows = -(-n // n_chunks)
+  pad = n_chunks * rows - n
+  if pad:
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    labels = jnp.pad(labels, (0, pad))
+    weights = jnp.pad(weights, (0, pad))
+
+  def chunk(hc, lc, wc):
+    logits = jax.lax.dot_general(hc, embedding, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    s = jnp.sum(e, axis=-1, keepdims=True)
+    onehot = lc[:, None] == jax.lax.broadcasted_iota(lc.dtype, logits.shape, 1)
+    picked = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
+    loss = jnp.sum(wc * (m[:, 0] + jnp.log(s[:, 0]) - picked))
+    # d loss / d logits = w · (softmax - onehot), known here since the loss is the output.
+    dlogits = ((e * (wc[:, None] / s)) - jnp.where(onehot, wc[:, None], 0.0)).astype(h.dtype)
+    dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+    de = None
+    if want_de:
+      de = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+    return loss, dh, de
+
+  if n_chunks == 1:
+    return chunk(h, labels, weights)
+  # A sequential loop, so that one chunk's logits exist at a time.
+  xs = (h.reshape(n_chunks, rows, d), labels.reshape(n_chunks, rows), weights.reshape(n_chunks, rows))
+  losses, dh = jax.lax.map(lambda xs: chunk(*xs)[:2], xs)
+  return jnp.sum(losses), dh.reshape(n_chunks * rows, d)[:n], None
+
+
+@jax.custom_vjp
+def _tied_head_ce(h, embedding, labels, weights):
+  return _head_ce_chunks(h, embedding, labels, weights, want_de=False)[0]
+
+
+def _tied_head_ce_fwd(h, embedding, labels, weights):
+  # symbolic_zeros: `.perturbed` says whether a gradient is wanted (a frozen embedding: no).
+  want_de = embedding.perturbed
+  loss, dh, de = _head_ce_chunks(h.value, embedding.value, labels.value, weights.value, want_de)
+  dh = dh[:h.value.shape[0]].astype(h.value.dtype)
+  de = None if de is None else de.astype(embedding.value.dtype)
+  return loss, (dh, de)
+
+
+def _tied_head_ce_bwd(residuals, g):
+  dh, de = residuals
+  return (g * dh).astype(dh.dtype), None if de is None else (g * de).astype(de.dtype), None, None
+
+
+_tied_head_ce.defvjp(_tied_head_ce_fwd, _tied_head_ce_bwd, symbolic_zeros=True)
+
+
+def tied_head_cross_entropy(h: jax.Array, embedding: jax.Array, labels: jax.Array, *,
+                            ignore_index: int = -100) -> jax.Array:
+  """`cross_entropy(h · embeddingᵀ, labels)` without ever holding all the logits.
+
+  The language-model head and the loss run fused: the logits give the loss terms and, since the
+  loss is a scalar output, its gradient `w·(softmax - onehot)` right away, which is projected back
+  to `d/dh` (and, if the embedding trains, to `d/d embedding`) in the forward pass; the backward
+  pass only scales these by the incoming cotangent. The FLOPs are those of the unfused head
+  (forward GEMM, `dh` GEMM and, when the embedding trains, its gradient GEMM; nothing is
+  recomputed), but no `[tokens, vocab]` array is kept between the passes. With a frozen embedding
+  (LoRA) its gradient GEMM is skipped and the rows go in chunks of at most 32M logits, so only one
+  chunk's logits (128 MB) exist at a time. Logits and the softmax are float32 whatever the input
+  dtype.
+
+  Args:
+    h: `[..., d]` final hidden states.
+    embedding: `[vocab, d]` (the tied input embedding).
+    labels: int `[...]`; `ignore_index` entries do not count.
+    ignore_index: the label value to skip.
+
+  Returns:
+    The mean cross-entropy over the counted labels (NaN if there are none, as in torch).
+
+  Examples:
+    >>> h, emb = jnp.ones((2, 3, 4)), jnp.eye(5, 4)
+    >>> labels = jnp.array([[0, 1, -100], [2, 3, 4]])
+    >>> ref = cross_entropy(h @ emb.T, labels)
+    >>> bool(jnp.allclose(tied_head_cross_entropy(h, emb, labels), ref))
+    True
+  """
+  d = h.shape[-1]
+  labels = labels.reshape(-1)
+  valid = labels != ignore_index
+  weights = valid.astype(jnp.float32) / jnp.sum(valid).astype(jnp.float32)
+  return _tied_head_ce(h.reshape(-1, d), embedding, jnp.where(valid, labels, 0), weights)
+
+
 def padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
   """`[batch, kv_len]` 1/0 mask -> boolean `[batch, 1, 1, kv_len]`, broadcastable over heads/queries."""
   if attention_mask is None:

@@ -1,0 +1,1 @@
+"""Side-by-side speed and memory benchmarks: flax_adapters against HF PEFT (scripts, not tests)."""

@@ -1,0 +1,193 @@
+"""flax_adapters side: GPT-2 LoRA or full fine-tuning steps, merge and inference, served to run.py.
+
+`python -m benchmarks.jax_worker --mode lora|full --size gpt2|quick --weights W.npz [--gpu]`,
+then one JSON command per stdin line (see `benchmarks/common.py`). Never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks import common
+from benchmarks.setup_cfg import ADAMW, LORA, SIZES, hf_config_dict
+
+
+def build(args):
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import flax_adapters as fa
+  from conversion.families import get_family
+  from flax_adapters.models.gpt2 import GPT2Config, GPT2LMHeadModel
+  from flax_adapters.train import make_train_step
+
+  if args.gpu and jax.devices()[0].platform != 'gpu':
+    raise RuntimeError(f'--gpu, but JAX runs on {jax.devices()[0].platform}; install jax[cuda].')
+  weights = dict(np.load(args.weights))
+  cfg = GPT2Config(**hf_config_dict(args.size))
+  # GPU mode (--bf16, implied by --gpu): bfloat16 compute; LoRA keeps a bfloat16 base and float32
+  # adapters, full fine-tuning keeps float32 master weights (mixed precision), as the torch side
+  # does under autocast.
+  compute = jnp.bfloat16 if args.bf16 else jnp.float32
+  base_dtype = jnp.bfloat16 if (args.bf16 and args.mode == 'lora') else jnp.float32
+  model = GPT2LMHeadModel(cfg, dtype=compute, param_dtype=base_dtype)
+  params = get_family('gpt2').torch_to_flax(
+      {k: v for k, v in weights.items() if ':' not in k and k != 'input_ids'}, cfg, param_dtype=base_dtype)
+  ids = jnp.asarray(weights['input_ids'], jnp.int32)
+  if args.mode == 'lora':
+    tc = fa.TransferConfig(mode='lora', lora_rank=LORA['rank'], lora_alpha=LORA['alpha'],
+                           lora_targets=LORA['targets'], unfreeze_norm=False, adapter_dtype=jnp.float32)
+  else:
+    tc = fa.TransferConfig(mode='full')
+  model_a, params = fa.prepare_for_transfer(model, params, tc, ids)
+  if args.mode == 'lora':  # start from PEFT's A matrices (B is zero on both sides)
+    for i in range(cfg.n_layer):
+      a = weights[f'peft:base_model.model.transformer.h.{i}.attn.c_attn.lora_A.default.weight']
+      site = params['transformer'][f'h_{i}']['attn']['c_attn']
+      site['lora_a'] = jnp.asarray(a.T, site['lora_a'].dtype)
+  del weights
+  mask = fa.trainable_mask(model_a, params)
+  trainable, frozen = fa.partition(params, mask)
+  del params
+  tx = optax.adamw(ADAMW['lr'], b1=ADAMW['b1'], b2=ADAMW['b2'], eps=ADAMW['eps'],
+                   weight_decay=ADAMW['weight_decay'])
+  opt_state = tx.init(trainable)
+
+  def loss_fn(p, input_ids):
+    # Same loss as HF's `model(input_ids, labels=input_ids).loss`: shifted next-token CE, mean.
+    return model_a.apply({'params': p}, input_ids, method='loss')
+
+  step = make_train_step(loss_fn, tx)
+  return dict(jax=jax, jnp=jnp, fa=fa, model=model, model_a=model_a, trainable=trainable,
+              frozen=frozen, opt_state=opt_state, step=step, ids=ids, cfg=cfg, mask=mask)
+
+
+class Worker:
+
+  def __init__(self, args):
+    self.args = args
+    self.s = None
+
+  def setup(self):
+    t0 = time.perf_counter()
+    s = self.s = build(self.args)
+    jax = s['jax']
+    t1 = time.perf_counter()
+    lowered = s['step'].lower(s['trainable'], s['opt_state'], s['frozen'], s['ids'])
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    s['compiled'] = compiled
+    n_train = sum(int(x.size) for x in jax.tree.leaves(s['trainable']))
+    out = {'build_s': t1 - t0, 'compile_s': t2 - t1,
+           'xla_flops': float(cost.get('flops', float('nan'))) if cost else None,
+           'trainable_params': n_train, 'device': str(jax.devices()[0]),
+           'jax_version': jax.__version__}
+    # Warm-up: the first calls (allocation, thread pools) are not timed as steps.
+    # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
+    # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
+    # the training peak (over the timed steps) holds what training keeps resident on each side.
+    out['warmup'] = self.steps(2)
+    out['setup_peak_rss_mib'] = common.peak_rss_mib()
+    common.release_free_memory()
+    out['hwm_reset'] = common.reset_peak_rss()
+    # One more untimed step: it faults the released buffers back in (its peak counts as training).
+    out['warmup_after_release'] = self.steps(1)
+    return out
+
+  def steps(self, n: int):
+    s = self.s
+    jax = s['jax']
+    times, loads, losses, faults, dispatch = [], [], [], [], []
+    for _ in range(n):
+      meter = common.LoadMeter()
+      f0 = common.minor_faults()
+      t = time.perf_counter()
+      s['trainable'], s['opt_state'], loss = s['compiled'](s['trainable'], s['opt_state'], s['frozen'], s['ids'])
+      dispatch.append(time.perf_counter() - t)  # host time to launch the step (asynchronous)
+      jax.block_until_ready((s['trainable'], s['opt_state'], loss))
+      times.append(time.perf_counter() - t)
+      loads.append(meter.others())
+      faults.append(common.minor_faults() - f0)
+      losses.append(float(loss))
+    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'dispatch_s': dispatch, 'peak_rss_mib': common.peak_rss_mib(),
+            **self._device_memory()}
+
+  def _device_memory(self):
+    if not self.args.gpu:
+      return {}
+    stats = self.s['jax'].devices()[0].memory_stats() or {}
+    return {'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2 ** 20}
+
+  def merge(self, repeats: int = 5):
+    """Merge time of all adapters, and merged vs base vs adapted inference latency (interleaved)."""
+    s = self.s
+    jax, jnp, fa = s['jax'], s['jnp'], s['fa']
+    params = fa.combine(s['trainable'], s['frozen'])
+    merge_times = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      served, merged = fa.merge_adapters(s['model_a'], params)
+      jax.block_until_ready(merged)
+      merge_times.append(time.perf_counter() - t)
+    assert served is s['model'], 'every LoRA adapter folds, so the base model serves'
+    # The base params are the frozen half with the adapter leaves dropped: the unadapted model.
+    base_params = _drop_adapter_leaves(params)
+    forward = jax.jit(lambda p, x: s['model'].apply({'params': p}, x))
+    adapted = jax.jit(lambda p, x: s['model_a'].apply({'params': p}, x))
+    ids = s['ids']
+    compile_t = time.perf_counter()
+    y_base = forward(base_params, ids).block_until_ready()
+    y_merged = forward(merged, ids).block_until_ready()
+    y_adapted = adapted(params, ids).block_until_ready()
+    compile_t = time.perf_counter() - compile_t
+    scale = float(jnp.max(jnp.abs(y_adapted)))
+    diff = float(jnp.max(jnp.abs(y_merged.astype(jnp.float32) - y_adapted.astype(jnp.float32))))
+    lat = {'base': [], 'merged': [], 'adapted': []}
+    for _ in range(repeats * 2):
+      for name, fn, p in (('base', forward, base_params), ('merged', forward, merged),
+                          ('adapted', adapted, params)):
+        t = time.perf_counter()
+        fn(p, ids).block_until_ready()
+        lat[name].append(time.perf_counter() - t)
+    return {'merge_s': merge_times, 'latency_s': lat, 'merged_vs_adapted_max_abs': diff,
+            'logit_scale': scale, 'forward_compile_s': compile_t}
+
+  def trace(self, steps: int, out: str):
+    """A jax.profiler trace (with a Perfetto JSON) of `steps` steps, for benchmarks/profile.py."""
+    jax = self.s['jax']
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      self.steps(steps)
+    return {}
+
+  def final(self):
+    return {'peak_rss_mib': common.peak_rss_mib(), **self._device_memory()}
+
+
+def _drop_adapter_leaves(params):
+  from flax_adapters.methods import LEAF_NAMES
+  if isinstance(params, dict):
+    return {k: _drop_adapter_leaves(v) for k, v in params.items() if k not in LEAF_NAMES}
+  return params
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--mode', choices=('lora', 'full'), required=True)
+  parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
+  parser.add_argument('--weights', required=True)
+  parser.add_argument('--gpu', action='store_true')
+  parser.add_argument('--bf16', action='store_true')
+  args = parser.parse_args()
+  args.bf16 = args.bf16 or args.gpu
+  w = Worker(args)
+  common.serve({'setup': w.setup, 'steps': w.steps, 'merge': w.merge, 'trace': w.trace, 'final': w.final})
+
+
+if __name__ == '__main__':
+  main()

@@ -11,7 +11,6 @@ configuration's median is reported with its ratio to `all` (every change on). Co
   instead of `GPT2LMHeadModel.loss`'s fused, chunked head + cross-entropy.
 - `-dense_vjp`: `nn.Dense`'s own autodiff instead of the custom VJP whose kernel gradient is one
   `xᵀ·g` GEMM.
-- `-lora_vjp`: autodiff of LoRA's two einsums instead of its custom VJP.
 - `-grad_store`: no per-block conditional on the residual stream's gradient.
 - `-attention`: `jax.nn.dot_product_attention` (via `layers.dot_product_attention`) instead of the
   custom-VJP causal attention on the fused qkv.
@@ -37,7 +36,7 @@ import time
 from benchmarks import common
 from benchmarks.run import HERE, MALLOC, ROOT, say
 
-CHANGES = ('fused_loss', 'dense_vjp', 'lora_vjp', 'grad_store', 'attention', 'partition')
+CHANGES = ('fused_loss', 'dense_vjp', 'grad_store', 'attention', 'partition')
 CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive']
 
 
@@ -48,24 +47,16 @@ def _patched(off: set):
   import jax
   import jax.numpy as jnp
 
-  from flax_adapters.methods import lora
   from flax_adapters.models import gpt2, layers
 
   @contextlib.contextmanager
   def ctx():
-    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention,
-                 fac=lora._factored)
+    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention)
     try:
       if 'dense_vjp' in off:
         gpt2._linear = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
       if 'grad_store' in off:
         gpt2._materialize_grad = lambda x: x
-      if 'lora_vjp' in off:
-        def plain(specs, scale, x, a, b):
-          xs, as_, ts, bs, ys = specs
-          t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
-          return jnp.einsum(f'{ts},{bs}->{ys}', t, b)
-        lora._factored = plain
       if 'attention' in off:
         def attention(qkv, mask, scale):
           q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -75,7 +66,6 @@ def _patched(off: set):
       yield
     finally:
       gpt2._linear, gpt2._materialize_grad, gpt2._causal_attention = saved['linear'], saved['mat'], saved['att']
-      lora._factored = saved['fac']
 
   return ctx()
 
@@ -182,9 +172,7 @@ def main(argv=None):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
         # Under non-default malloc settings only `all` and `naive` run (what the settings buy).
-        configs = [c for c in CONFIGS if mode == 'lora' or c != '-lora_vjp']
-        if malloc != 'retain':
-          configs = ['all', 'naive']
+        configs = CONFIGS if malloc == 'retain' else ['all', 'naive']
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')
         out = subprocess.run(
             [sys.executable, '-m', 'benchmarks.ablation', '--worker', '--mode', mode, '--weights', weights,

@@ -142,7 +142,7 @@ class Worker:
     adapted = jax.jit(lambda p, x: s['model_a'].apply({'params': p}, x))
     ids = s['ids']
     compile_t = time.perf_counter()
-    y_base = forward(base_params, ids).block_until_ready()
+    forward(base_params, ids).block_until_ready()
     y_merged = forward(merged, ids).block_until_ready()
     y_adapted = adapted(params, ids).block_until_ready()
     compile_t = time.perf_counter() - compile_t

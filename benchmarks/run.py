@@ -382,7 +382,7 @@ def format_table(res):
   rows.append(f"Steps per side: {lo['jax_lora_steps']} timed (after 3 warm-up), {res['n_rounds']} interleaved rounds. "
               f"Loss agreement (same weights, batch, AdamW): max |loss_jax - loss_torch| = "
               + ', '.join(f'{k} {v:.1e}' for k, v in s['loss_max_abs_diff'].items()) + '. '
-              f"Median CPU share taken by other processes during the steps: "
+              "Median CPU share taken by other processes during the steps: "
               + ', '.join(f"{n} {s[k][n + '_load']:.2f}" for k, names in
                           (('lora', ('jax_lora', 'torch_lora')), ('full', ('jax_full', 'torch_full')))
                           if k in s for n in names) + '.')

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -22,7 +21,7 @@ def _loss(model, params, x):
 
 
 def test_factored_lora_gradients_equal_the_folded_kernels_gradients():
-  """LoRA's custom VJP (Dense, DenseGeneral, Einsum sites) against autodiff through `materialize`."""
+  """Factored LoRA gradients (Dense, DenseGeneral, Einsum sites) against autodiff through `materialize`."""
   with jax.enable_x64(True):
     model, params, x = net.make(dtype=jnp.float64)
     adapted, p = fa.prepare_for_transfer(model, params, config('lora'), x)
@@ -95,3 +94,19 @@ def test_tied_head_cross_entropy_equals_the_unfused_loss(chunk, monkeypatch):
   # Under a scaled cotangent the gradients scale.
   g2 = jax.grad(lambda h: 3.0 * fused(h, emb))(h)
   assert _max_diff(g2, 3.0 * jax.grad(ref)(h, emb)) < 1e-5
+
+
+def test_forward_mode_autodiff_runs_through_every_adapter():
+  """`jax.jvp` (and so `jacfwd`, Hessian-vector products) works through the adapted forward and
+  equals the jvp through the folded model, in float64."""
+  with jax.enable_x64(True):
+    model, params, x = net.make(dtype=jnp.float64)
+    adapted, p = fa.prepare_for_transfer(model, params, config(['lora', 'ia3']), x)
+    p = perturb(p, jax.random.key(5))
+    trainable, frozen = fa.partition(p, fa.trainable_mask(adapted, p))
+    tangent = jax.tree.map(lambda t: jnp.ones_like(t) * 1e-2, trainable)
+    _, dy = jax.jvp(lambda t: _loss(adapted, fa.combine(t, frozen), x), (trainable,), (tangent,))
+    _, dy_folded = jax.jvp(lambda t: _loss(model, fa.materialize(fa.combine(t, frozen), adapted), x),
+                           (trainable,), (tangent,))
+    assert float(dy) != 0.0
+    assert abs(float(dy) - float(dy_folded)) < 1e-10

@@ -139,7 +139,7 @@ def main(argv=None):
                  help='glibc malloc settings for the memory run, each side alone (default: thp)')
   p.add_argument('--skip', default='', help='comma list of parts to skip: peak,full,merge,memory')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/<size>-<device>-<time>.json)')
-  p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md')
+  p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md and README.md')
   args = p.parse_args(argv)
   args.size = 'quick' if args.quick else 'gpt2'
   args.bf16 = args.bf16 or args.gpu
@@ -402,13 +402,15 @@ def format_table(res):
 
 
 def write_readme(table, json_rel):
-  path = os.path.join(HERE, 'README.md')
-  text = open(path).read()
-  start, end = '<!-- table:start -->', '<!-- table:end -->'
-  i, j = text.index(start) + len(start), text.index(end)
-  text = text[:i] + '\n' + table + f'\n\nJSON: `benchmarks/{json_rel}`\n' + text[j:]
-  with open(path, 'w') as f:
-    f.write(text)
+  """The table goes between the markers of benchmarks/README.md and of the project's README.md."""
+  for path in (os.path.join(HERE, 'README.md'), os.path.join(ROOT, 'README.md')):
+    with open(path) as f:
+      text = f.read()
+    start, end = '<!-- table:start -->', '<!-- table:end -->'
+    i, j = text.index(start) + len(start), text.index(end)
+    text = text[:i] + '\n' + table + f'\n\nJSON: `benchmarks/{json_rel}`\n' + text[j:]
+    with open(path, 'w') as f:
+      f.write(text)
 
 
 if __name__ == '__main__':

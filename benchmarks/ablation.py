@@ -17,6 +17,9 @@ configuration's median is reported with its ratio to `all` (every change on). Co
 - `-partition`: the whole params tree differentiated, `transfer_optimizer` (multi_transform) on
   it, no buffer donation, instead of `make_train_step` on the partitioned trainable leaves.
 - `naive`: all of the above undone at once (a plain JAX LoRA step on our model).
+- `+lora_vjp` (LoRA only): a change the library does not make, measured for the record: a custom VJP
+  for LoRA's `scale·(x·A)·B` that orders B's gradient GEMM for XLA:CPU. It would cost users
+  forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) through every adapted layer.
 
 Each is run under the malloc settings named by `--malloc` (default: default,retain), in separate
 processes, since glibc reads them at start-up.
@@ -37,21 +40,56 @@ from benchmarks import common
 from benchmarks.run import HERE, MALLOC, ROOT, say
 
 CHANGES = ('fused_loss', 'dense_vjp', 'grad_store', 'attention', 'partition')
-CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive']
+CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive', '+lora_vjp']
 
 
-def _patched(off: set):
-  """Context manager that undoes the named changes (module globals are read at trace time)."""
+def _lora_custom_vjp():
+  """LoRA's factored product with a hand-written VJP (B's gradient as `(x·A)ᵀ·g`, rank axis first)."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  def forward(specs, scale, x, a, b):
+    xs, as_, ts, bs, ys = specs
+    t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
+    return jnp.einsum(f'{ts},{bs}->{ys}', t, b), t
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+  def factored(specs, scale, x, a, b):
+    return forward(specs, scale, x, a, b)[0]
+
+  def fwd(specs, scale, x, a, b):
+    y, t = forward(specs, scale, x, a, b)
+    return y, (x, a, b, t)
+
+  def bwd(specs, scale, residuals, g):
+    xs, as_, ts, bs, ys = specs
+    x, a, b, t = residuals
+    db = jnp.einsum(f'{ts},{ys}->{bs}', t, g)
+    gt = jnp.einsum(f'{ys},{bs}->{ts}', g, b) * jnp.asarray(scale, g.dtype)
+    return (jnp.einsum(f'{ts},{as_}->{xs}', gt, a).astype(x.dtype),
+            jnp.einsum(f'{ts},{xs}->{as_}', gt, x).astype(a.dtype), db.astype(b.dtype))
+
+  factored.defvjp(fwd, bwd)
+  return factored
+
+
+def _patched(off: set, on: frozenset = frozenset()):
+  """Context manager that undoes the changes in `off` and makes those in `on` (module globals are
+  read at trace time)."""
   import contextlib
 
   import jax
   import jax.numpy as jnp
 
+  from flax_adapters.methods import lora
   from flax_adapters.models import gpt2, layers
 
   @contextlib.contextmanager
   def ctx():
-    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention)
+    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention,
+                 fac=lora._factored)
     try:
       if 'dense_vjp' in off:
         gpt2._linear = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
@@ -63,8 +101,11 @@ def _patched(off: set):
           y = layers.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True)
           return jnp.transpose(y, (0, 2, 1, 3))
         gpt2._causal_attention = attention
+      if 'lora_vjp' in on:
+        lora._factored = _lora_custom_vjp()
       yield
     finally:
+      lora._factored = saved['fac']
       gpt2._linear, gpt2._materialize_grad, gpt2._causal_attention = saved['linear'], saved['mat'], saved['att']
 
   return ctx()
@@ -90,13 +131,14 @@ def worker(args):
   configs = {}
   for name in args.configs:
     off = set(CHANGES) if name == 'naive' else ({name[1:]} if name.startswith('-') else set())
+    on = frozenset({name[1:]}) if name.startswith('+') else frozenset()
     if 'fused_loss' in off:
       def loss_fn(p, x):
         logits = model_a.apply({'params': p}, x)
         return layers.cross_entropy(logits[:, :-1], x[:, 1:])
     else:
       loss_fn = lambda p, x: model_a.apply({'params': p}, x, method='loss')
-    with _patched(off):
+    with _patched(off, on):
       if 'partition' in off:
         opt = fa.transfer_optimizer(tx, mask)
 
@@ -172,7 +214,9 @@ def main(argv=None):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
         # Under non-default malloc settings only `all` and `naive` run (what the settings buy).
-        configs = CONFIGS if malloc == 'retain' else ['all', 'naive']
+        configs = [c for c in CONFIGS if mode == 'lora' or c != '+lora_vjp']
+        if malloc != 'retain':
+          configs = ['all', 'naive']
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')
         out = subprocess.run(
             [sys.executable, '-m', 'benchmarks.ablation', '--worker', '--mode', mode, '--weights', weights,

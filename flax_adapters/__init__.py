@@ -9,6 +9,7 @@ from flax_adapters.sharding import named_shardings, optimizer_shardings, partiti
 from flax_adapters.summary import ParamSummary, param_summary
 from flax_adapters.surgery import adapt, prepare_for_transfer, prepare_params
 from flax_adapters.tracing import Site, trace_model
+from flax_adapters.train import make_train_step
 from flax_adapters.training import combine, partition, trainable_mask, transfer_optimizer
 
 __version__ = '0.1.0'
@@ -29,19 +30,20 @@ __all__ = [
     'adapt',
     'combine',
     'load_adapters',
-    'read_meta',
-    'restore_transfer',
-    'save_adapters',
-    'shard_params',
+    'make_train_step',
     'materialize',
+    'merge_adapters',
     'named_shardings',
     'optimizer_shardings',
-    'merge_adapters',
     'param_summary',
     'partition',
     'partition_specs',
     'prepare_for_transfer',
     'prepare_params',
+    'read_meta',
+    'restore_transfer',
+    'save_adapters',
+    'shard_params',
     'trace_model',
     'trainable_mask',
     'transfer_optimizer',

@@ -83,21 +83,6 @@ def poisson_loss(pred: dict, target: dict) -> jax.Array:
   return sum(losses) / len(losses)
 
 
-def make_train_step(model, tx):
-  """A jitted step that differentiates only the trainable part (frozen leaves get no gradient)."""
-
-  def loss_fn(trainable, frozen, x, y):
-    return poisson_loss(model.apply({'params': fa.combine(trainable, frozen)}, x), y)
-
-  @jax.jit
-  def step(trainable, frozen, opt_state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, x, y)
-    updates, opt_state = tx.update(grads, opt_state, trainable)
-    return optax.apply_updates(trainable, updates), opt_state, loss
-
-  return step
-
-
 def batches(n_examples: int, batch_size: int, steps: int, seed: int):
   rng = np.random.default_rng(seed)
   for _ in range(steps):
@@ -110,12 +95,13 @@ def train(model, params, data, *, steps: int, batch_size: int, lr: float, seed: 
   trainable, frozen = fa.partition(params, fa.trainable_mask(model, params))
   tx = optax.adam(lr)
   opt_state = tx.init(trainable)
-  step = make_train_step(model, tx)
+  # No donation: `trainable` shares its arrays with `params`, which the caller reuses for every mode.
+  step = fa.make_train_step(lambda p, x, y: poisson_loss(model.apply({'params': p}, x), y), tx, donate=False)
   losses, times = [], []
   bar = tqdm(batches(len(x), batch_size, steps, seed), total=steps, desc=f'{desc:>10}', disable=not progress, leave=False)
   for idx in bar:
     start = time.perf_counter()
-    trainable, opt_state, loss = step(trainable, frozen, opt_state, x[idx], {k: v[idx] for k, v in y.items()})
+    trainable, opt_state, loss = step(trainable, opt_state, frozen, x[idx], {k: v[idx] for k, v in y.items()})
     losses.append(float(loss))  # float() waits for the step to finish
     times.append(time.perf_counter() - start)
     if len(losses) % 10 == 0:

@@ -15,14 +15,13 @@
 Examples:
   >>> import jax, jax.numpy as jnp, optax, flax.linen as nn
   >>> import flax_adapters as fa
-  >>> from flax_adapters.train import make_train_step
   >>> net, x = nn.Dense(2, name='q_proj'), jnp.ones((3, 4))
   >>> model, params = fa.prepare_for_transfer(net, net.init(jax.random.key(0), x)['params'],
   ...     fa.TransferConfig(mode='lora', lora_rank=1, lora_targets=['re:.*']), x)
   >>> trainable, frozen = fa.partition(params, fa.trainable_mask(model, params))
   >>> tx = optax.adam(1e-2)
   >>> opt_state = tx.init(trainable)
-  >>> step = make_train_step(lambda p, x: jnp.sum(model.apply({'params': p}, x) ** 2), tx)
+  >>> step = fa.make_train_step(lambda p, x: jnp.sum(model.apply({'params': p}, x) ** 2), tx)
   >>> trainable, opt_state, loss = step(trainable, opt_state, frozen, x)
   >>> sorted(k for k, v in trainable.items() if v is not None)
   ['lora_a', 'lora_b']
@@ -56,7 +55,9 @@ def make_train_step(
       its state with `tx.init(trainable)`.
     has_aux: `loss_fn` returns `(loss, aux)`; the step then returns aux last.
     donate: donate `trainable` and `opt_state` to the step, so they are updated in place. Do not
-      use the arrays passed in after the call (use the returned ones).
+      use the arrays passed in after the call (use the returned ones). `partition` shares arrays
+      with the tree it splits, so the trainable leaves of that tree are consumed too: keep a copy
+      (`jax.tree.map(jnp.copy, params)`) or pass `donate=False` if you need it afterwards.
     jit: return the jitted step (False: the plain function, to jit or shard yourself).
 
   Returns:

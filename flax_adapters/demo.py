@@ -232,12 +232,16 @@ def plot(results: dict, path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-  for r in results['transfer']:
-    ax1.scatter(r['trainable_params'], r['val_pearson_r'], s=40)
-    ax1.annotate(r['mode'], (r['trainable_params'], r['val_pearson_r']), textcoords='offset points', xytext=(5, 3))
+  # Labels alternate above and below in order of size, so that neighbouring modes stay readable.
+  color = {r['mode']: f'C{i}' for i, r in enumerate(results['transfer'])}  # the same in both panels
+  for i, r in enumerate(sorted(results['transfer'], key=lambda r: r['trainable_params'])):
+    ax1.scatter(r['trainable_params'], r['val_pearson_r'], s=40, color=color[r['mode']])
+    ax1.annotate(r['mode'], (r['trainable_params'], r['val_pearson_r']), textcoords='offset points',
+                 xytext=(4, 6 if i % 2 == 0 else -14), fontsize=9)
   untrained = np.mean([r['untrained_head_val_r'] for r in results['transfer']])
   ax1.axhline(untrained, color='gray', ls='--', lw=1, label='untrained new head')
   ax1.set_xscale('log')
+  ax1.margins(x=0.12)
   ax1.set_xlabel('trainable parameters')
   ax1.set_ylabel(f'validation Pearson r ({results["model"]["new_head"]})')
   ax1.set_title('Transfer: metric vs trainable parameters')
@@ -247,7 +251,7 @@ def plot(results: dict, path: str) -> None:
       continue
     k = max(1, len(losses) // 30)
     smooth = np.convolve(losses, np.ones(k) / k, mode='valid')
-    ax2.plot(smooth, label=name)
+    ax2.plot(smooth, label=name, color=color.get(name))
   ax2.set_xlabel('step')
   ax2.set_ylabel('training loss (Poisson NLL)')
   ax2.set_title('Transfer loss curves')

@@ -1,7 +1,6 @@
 """Tests of the AlphaGenome-style reference model `Seq2Func` and `StandardizedConv1D`."""
 
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -365,17 +364,24 @@ def test_rotary_depends_on_relative_position_only():
 # ------------------------------------------------------------------------------- speed/training
 
 
-def test_tiny_forward_is_fast_after_jit(tiny):
+def test_jitted_forward_traces_once_and_equals_eager(tiny):
+  """Repeated calls with the same shapes reuse one compiled program (no per-call retracing), and
+  the jitted forward computes what the eager one does."""
   model, variables = tiny
-  f = jax.jit(model.apply)
-  x = random_dna(jax.random.key(6), 8, TINY.seq_len)
-  jax.block_until_ready(f(variables, x))
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    jax.block_until_ready(f(variables, x))
-    times.append(time.perf_counter() - t)
-  assert np.median(times) < 0.25, times  # measured ~1 ms on 2 CPU cores
+  traces = []
+
+  def forward(v, x):
+    traces.append(1)  # runs only while tracing
+    return model.apply(v, x)
+
+  f = jax.jit(forward)
+  for seed in range(3):
+    x = random_dna(jax.random.key(6 + seed), 8, TINY.seq_len)
+    out = f(variables, x)
+  assert len(traces) == 1
+  eager = model.apply(variables, x)
+  for k in eager:
+    np.testing.assert_allclose(out[k], eager[k], rtol=1e-5, atol=1e-6)
 
 
 STEPS = 150

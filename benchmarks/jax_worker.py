@@ -6,13 +6,12 @@ then one JSON command per stdin line (see `benchmarks/common.py`). Never imports
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
-from benchmarks import common
-from benchmarks.setup_cfg import ADAMW, LORA, SIZES, hf_config_dict
+from benchmarks import common, setup_cfg
+from benchmarks.setup_cfg import ADAMW, LORA, hf_config_dict
 
 
 def build(args):
@@ -177,15 +176,7 @@ def _drop_adapter_leaves(params):
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--mode', choices=('lora', 'full'), required=True)
-  parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
-  parser.add_argument('--weights', required=True)
-  parser.add_argument('--gpu', action='store_true')
-  parser.add_argument('--bf16', action='store_true')
-  args = parser.parse_args()
-  args.bf16 = args.bf16 or args.gpu
-  w = Worker(args)
+  w = Worker(setup_cfg.worker_args())
   common.serve({'setup': w.setup, 'steps': w.steps, 'merge': w.merge, 'trace': w.trace, 'final': w.final})
 
 

@@ -20,3 +20,18 @@ def hf_config_dict(size: str) -> dict:
       vocab_size=s['vocab_size'], n_positions=s['n_positions'], n_embd=s['n_embd'],
       n_layer=s['n_layer'], n_head=s['n_head'], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
   )
+
+
+def worker_args(argv=None):
+  """The command line both workers take (run.py starts them): mode, size, weights, device flags."""
+  import argparse
+
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--mode', choices=('lora', 'full'), required=True)
+  parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
+  parser.add_argument('--weights', required=True)
+  parser.add_argument('--gpu', action='store_true')
+  parser.add_argument('--bf16', action='store_true')
+  args = parser.parse_args(argv)
+  args.bf16 = args.bf16 or args.gpu
+  return args

@@ -6,14 +6,13 @@ torch uses every core (`torch.set_num_threads(os.cpu_count())`).
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import numpy as np
 
-from benchmarks import common
-from benchmarks.setup_cfg import ADAMW, LORA, SIZES, hf_config_dict
+from benchmarks import common, setup_cfg
+from benchmarks.setup_cfg import ADAMW, LORA, hf_config_dict
 
 
 class Worker:
@@ -121,15 +120,7 @@ class Worker:
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument('--mode', choices=('lora', 'full'), required=True)
-  parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
-  parser.add_argument('--weights', required=True)
-  parser.add_argument('--gpu', action='store_true')
-  parser.add_argument('--bf16', action='store_true')
-  args = parser.parse_args()
-  args.bf16 = args.bf16 or args.gpu
-  w = Worker(args)
+  w = Worker(setup_cfg.worker_args())
   common.serve({'setup': w.setup, 'steps': w.steps, 'profile': w.profile, 'final': w.final})
 
 

@@ -13,7 +13,7 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
   commands = first_block.group(1).strip().splitlines()
   assert len(commands) == 2
   demo, tests = commands
-  assert 'pip install' in demo and 'python -m flax_adapters.demo' in demo
+  assert 'pip install' in demo and 'python -m flax_adapters.genomics.demo' in demo
   assert 'torch==2.13.0' in tests and 'pytest' in tests
   assert tests in (ROOT / '.ci' / 'run').read_text()
 

@@ -13,7 +13,7 @@ import pytest
 from flax import traverse_util
 
 import flax_adapters as fa
-from flax_adapters.models.seq2func import Seq2Func, Seq2FuncConfig
+from flax_adapters.genomics.seq2func import Seq2Func, Seq2FuncConfig
 
 NEW = {'my_atac': {'modality': 'atac', 'num_tracks': 4}}
 C = Seq2FuncConfig.tiny()

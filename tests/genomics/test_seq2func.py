@@ -9,8 +9,8 @@ import optax
 import pytest
 from flax import linen as nn
 
-from flax_adapters.data.genomics import GenomicsTask, pearson_r
-from flax_adapters.models.seq2func import (
+from flax_adapters.genomics.data import GenomicsTask, pearson_r
+from flax_adapters.genomics.seq2func import (
     MODALITY_POOL, Seq2Func, Seq2FuncConfig, StandardizedConv1D, rotary)
 
 TINY = Seq2FuncConfig.tiny()

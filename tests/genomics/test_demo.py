@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from flax_adapters import demo
+from flax_adapters.genomics import demo
 
 
 def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):

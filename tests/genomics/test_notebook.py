@@ -6,7 +6,7 @@ import pathlib
 import nbclient
 import nbformat
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / 'notebooks' / 'genomics_transfer.ipynb'
 
 

@@ -647,7 +647,7 @@ class Seq2Func(nn.Module):
     if dna.ndim != 3 or dna.shape[-1] != 4:
       raise ValueError(f'Seq2Func input: expected one-hot DNA of shape (batch, length, 4), found '
                        f'shape {tuple(dna.shape)}. Fix: add a batch axis / one-hot encode '
-                       '(flax_adapters.data.genomics.one_hot).')
+                       '(flax_adapters.genomics.data.one_hot).')
     if not jnp.issubdtype(dna.dtype, jnp.floating):
       raise TypeError(f'Seq2Func input: expected a floating one-hot array, found dtype '
                       f'{dna.dtype}. Fix: jax.nn.one_hot(tokens, 4) or x.astype(jnp.float32).')

@@ -6,10 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from flax_adapters.data.genomics import (
+from flax_adapters.genomics.data import (
     ASSAYS, MOTIFS, PRETRAIN_ASSAYS, TRANSFER_ASSAYS, AssaySpec, GenomicsTask, Motif, Site,
     decode, one_hot, pearson_r, poisson_nll, reverse_complement)
-from flax_adapters.models.seq2func import Seq2Func, Seq2FuncConfig
+from flax_adapters.genomics.seq2func import Seq2Func, Seq2FuncConfig
 
 L = 512
 

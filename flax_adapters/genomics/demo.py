@@ -1,11 +1,11 @@
 """The flax_adapters demo: pretrain a genomics model, then transfer it to a new assay, once per mode.
 
-    python -m flax_adapters.demo            # the full demo (a few minutes on 2 CPU cores)
-    python -m flax_adapters.demo --help     # options
+    python -m flax_adapters.genomics.demo            # the full demo (a few minutes on 2 CPU cores)
+    python -m flax_adapters.genomics.demo --help     # options
 
-1. Pretrain an AlphaGenome-style model (`flax_adapters.models.seq2func`, conv tower + transformer
+1. Pretrain an AlphaGenome-style model (`flax_adapters.genomics.seq2func`, conv tower + transformer
    tower + heads) on a synthetic genomics task: motifs planted in random DNA drive the coverage
-   tracks of four assays (`flax_adapters.data.genomics`).
+   tracks of four assays (`flax_adapters.genomics.data`).
 2. Transfer it to a new assay (`my_atac`: the same motifs, combined differently) with a new head,
    once per mode: linear probing, LoRA, Locon, IA3, Houlsby, LoRA+Locon and full fine-tuning.
 3. Print a table — trainable params, validation Pearson r (against the true, noise-free
@@ -33,8 +33,8 @@ import optax
 from tqdm.auto import tqdm
 
 import flax_adapters as fa
-from flax_adapters.data import genomics
-from flax_adapters.models.seq2func import Seq2Func, Seq2FuncConfig
+from flax_adapters.genomics import data as genomics
+from flax_adapters.genomics.seq2func import Seq2Func, Seq2FuncConfig
 
 PRETRAIN_HEADS = ('atac', 'dnase', 'chip_tf', 'chip_histone')
 NEW_HEAD = 'my_atac'
@@ -264,7 +264,7 @@ def plot(results: dict, path: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
   d = Settings()
   p = argparse.ArgumentParser(
-      prog='python -m flax_adapters.demo',
+      prog='python -m flax_adapters.genomics.demo',
       description='Pretrain an AlphaGenome-style model on a synthetic genomics task, transfer it to a new assay '
                   'with every adapter mode, and compare them (table, JSON, PNG).')
   p.add_argument('--seed', type=int, default=d.seed, help='seed for data, init and batches (default %(default)s)')

@@ -68,8 +68,11 @@ def _lora_custom_vjp():
     x, a, b, t = residuals
     db = jnp.einsum(f'{ts},{ys}->{bs}', t, g)
     gt = jnp.einsum(f'{ys},{bs}->{ts}', g, b) * jnp.asarray(scale, g.dtype)
-    return (jnp.einsum(f'{ts},{as_}->{xs}', gt, a).astype(x.dtype),
-            jnp.einsum(f'{ts},{xs}->{as_}', gt, x).astype(a.dtype), db.astype(b.dtype))
+    return (
+      jnp.einsum(f'{ts},{as_}->{xs}', gt, a).astype(x.dtype),
+      jnp.einsum(f'{ts},{xs}->{as_}', gt, x).astype(a.dtype),
+      db.astype(b.dtype),
+    )
 
   factored.defvjp(fwd, bwd)
   return factored
@@ -88,18 +91,19 @@ def _patched(off: set, on: frozenset = frozenset()):
 
   @contextlib.contextmanager
   def ctx():
-    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention,
-                 fac=lora._factored)
+    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention, fac=lora._factored)
     try:
       if 'dense_vjp' in off:
         gpt2._linear = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
       if 'grad_store' in off:
         gpt2._materialize_grad = lambda x: x
       if 'attention' in off:
+
         def attention(qkv, mask, scale):
           q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
           y = layers.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True)
           return jnp.transpose(y, (0, 2, 1, 3))
+
         gpt2._causal_attention = attention
       if 'lora_vjp' in on:
         lora._factored = _lora_custom_vjp()
@@ -133,6 +137,7 @@ def worker(args):
     off = set(CHANGES) if name == 'naive' else ({name[1:]} if name.startswith('-') else set())
     on = frozenset({name[1:]}) if name.startswith('+') else frozenset()
     if 'fused_loss' in off:
+
       def loss_fn(p, x):
         logits = model_a.apply({'params': p}, x)
         return layers.cross_entropy(logits[:, :-1], x[:, 1:])
@@ -180,7 +185,7 @@ def worker(args):
   order = list(configs)
   for r in range(args.rounds):
     common.wait_quiet(max_wait=20)
-    for name in (order if r % 2 == 0 else order[::-1]):
+    for name in order if r % 2 == 0 else order[::-1]:
       for _ in range(args.steps):
         times[name].append(run(name))
   print(json.dumps({'times': times, 'compile_s': {n: c[3] for n, c in configs.items()}}))
@@ -203,13 +208,24 @@ def main(argv=None):
     return worker(args)
 
   import tempfile
-  result = {'machine': common.machine(), 'size': args.size, 'rounds': args.rounds, 'steps': args.steps,
-            'date': datetime.datetime.now().isoformat(timespec='seconds'), 'runs': []}
+
+  result = {
+    'machine': common.machine(),
+    'size': args.size,
+    'rounds': args.rounds,
+    'steps': args.steps,
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+    'runs': [],
+  }
   modes = ('lora', 'full') if args.mode == 'both' else (args.mode,)
   with tempfile.TemporaryDirectory() as tmp:
     weights = os.path.join(tmp, 'weights.npz')
-    subprocess.run([sys.executable, '-m', 'benchmarks.make_weights', args.size, weights],
-                   cwd=ROOT, check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(
+      [sys.executable, '-m', 'benchmarks.make_weights', args.size, weights],
+      cwd=ROOT,
+      check=True,
+      stderr=subprocess.DEVNULL,
+    )
     for malloc in args.malloc.split(','):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
@@ -219,16 +235,35 @@ def main(argv=None):
           configs = ['all', 'naive']
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')
         out = subprocess.run(
-            [sys.executable, '-m', 'benchmarks.ablation', '--worker', '--mode', mode, '--weights', weights,
-             '--configs', ','.join(configs), '--rounds', str(args.rounds), '--steps', str(args.steps)]
-            + (['--quick'] if args.quick else []),
-            cwd=ROOT, check=True, capture_output=True, text=True, env=env)
+          [
+            sys.executable,
+            '-m',
+            'benchmarks.ablation',
+            '--worker',
+            '--mode',
+            mode,
+            '--weights',
+            weights,
+            '--configs',
+            ','.join(configs),
+            '--rounds',
+            str(args.rounds),
+            '--steps',
+            str(args.steps),
+          ]
+          + (['--quick'] if args.quick else []),
+          cwd=ROOT,
+          check=True,
+          capture_output=True,
+          text=True,
+          env=env,
+        )
         got = json.loads(out.stdout.strip().splitlines()[-1])
         med = {n: statistics.median(v) for n, v in got['times'].items()}
         result['runs'].append({'mode': mode, 'malloc': malloc, 'median_s': med, **got})
         for n, v in med.items():
-          print(f"{mode:5s} malloc={malloc:7s} {n:12s} {v:7.3f} s  x{v / med['all']:.3f} of all")
-  out = os.path.join(HERE, 'results', f"ablation-{args.size}-{result['date'].replace(':', '')}.json")
+          print(f'{mode:5s} malloc={malloc:7s} {n:12s} {v:7.3f} s  x{v / med["all"]:.3f} of all')
+  out = os.path.join(HERE, 'results', f'ablation-{args.size}-{result["date"].replace(":", "")}.json')
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(result, f, indent=1)

@@ -92,6 +92,7 @@ def release_free_memory() -> None:
   """
   try:
     import ctypes
+
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):
     pass
@@ -130,11 +131,16 @@ def machine() -> dict:
   mem = None
   try:
     with open('/proc/meminfo') as f:
-      mem = round(int(f.readline().split()[1]) / 1024 ** 2, 1)
+      mem = round(int(f.readline().split()[1]) / 1024**2, 1)
   except OSError:
     pass
-  return {'cpu': cpu_name(), 'cores': NCPU, 'mem_gib': mem, 'os': platform.platform(),
-          'python': platform.python_version()}
+  return {
+    'cpu': cpu_name(),
+    'cores': NCPU,
+    'mem_gib': mem,
+    'os': platform.platform(),
+    'python': platform.python_version(),
+  }
 
 
 # -- FLOPs ---------------------------------------------------------------------------------------
@@ -189,4 +195,5 @@ def serve(handlers: dict) -> None:
       send({'ok': True, **handlers[op](**cmd)})
     except Exception as e:  # report, the driver decides
       import traceback
+
       send({'ok': False, 'error': f'{type(e).__name__}: {e}', 'trace': traceback.format_exc()})

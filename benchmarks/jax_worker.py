@@ -35,11 +35,18 @@ def build(args):
   base_dtype = jnp.bfloat16 if (args.bf16 and args.mode == 'lora') else jnp.float32
   model = GPT2LMHeadModel(cfg, dtype=compute, param_dtype=base_dtype)
   params = get_family('gpt2').torch_to_flax(
-      {k: v for k, v in weights.items() if ':' not in k and k != 'input_ids'}, cfg, param_dtype=base_dtype)
+    {k: v for k, v in weights.items() if ':' not in k and k != 'input_ids'}, cfg, param_dtype=base_dtype
+  )
   ids = jnp.asarray(weights['input_ids'], jnp.int32)
   if args.mode == 'lora':
-    tc = fa.TransferConfig(mode='lora', lora_rank=LORA['rank'], lora_alpha=LORA['alpha'],
-                           lora_targets=LORA['targets'], unfreeze_norm=False, adapter_dtype=jnp.float32)
+    tc = fa.TransferConfig(
+      mode='lora',
+      lora_rank=LORA['rank'],
+      lora_alpha=LORA['alpha'],
+      lora_targets=LORA['targets'],
+      unfreeze_norm=False,
+      adapter_dtype=jnp.float32,
+    )
   else:
     tc = fa.TransferConfig(mode='full')
   model_a, params = fa.prepare_for_transfer(model, params, tc, ids)
@@ -52,8 +59,7 @@ def build(args):
   mask = fa.trainable_mask(model_a, params)
   trainable, frozen = fa.partition(params, mask)
   del params
-  tx = optax.adamw(ADAMW['lr'], b1=ADAMW['b1'], b2=ADAMW['b2'], eps=ADAMW['eps'],
-                   weight_decay=ADAMW['weight_decay'])
+  tx = optax.adamw(ADAMW['lr'], b1=ADAMW['b1'], b2=ADAMW['b2'], eps=ADAMW['eps'], weight_decay=ADAMW['weight_decay'])
   opt_state = tx.init(trainable)
 
   def loss_fn(p, input_ids):
@@ -61,12 +67,23 @@ def build(args):
     return model_a.apply({'params': p}, input_ids, method='loss')
 
   step = make_train_step(loss_fn, tx)
-  return dict(jax=jax, jnp=jnp, fa=fa, model=model, model_a=model_a, trainable=trainable,
-              frozen=frozen, opt_state=opt_state, step=step, ids=ids, cfg=cfg, mask=mask)
+  return dict(
+    jax=jax,
+    jnp=jnp,
+    fa=fa,
+    model=model,
+    model_a=model_a,
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=opt_state,
+    step=step,
+    ids=ids,
+    cfg=cfg,
+    mask=mask,
+  )
 
 
 class Worker:
-
   def __init__(self, args):
     self.args = args
     self.s = None
@@ -83,10 +100,14 @@ class Worker:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     s['compiled'] = compiled
     n_train = sum(int(x.size) for x in jax.tree.leaves(s['trainable']))
-    out = {'build_s': t1 - t0, 'compile_s': t2 - t1,
-           'xla_flops': float(cost.get('flops', float('nan'))) if cost else None,
-           'trainable_params': n_train, 'device': str(jax.devices()[0]),
-           'jax_version': jax.__version__}
+    out = {
+      'build_s': t1 - t0,
+      'compile_s': t2 - t1,
+      'xla_flops': float(cost.get('flops', float('nan'))) if cost else None,
+      'trainable_params': n_train,
+      'device': str(jax.devices()[0]),
+      'jax_version': jax.__version__,
+    }
     # Warm-up: the first calls (allocation, thread pools) are not timed as steps.
     # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
     # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
@@ -114,14 +135,21 @@ class Worker:
       loads.append(meter.others())
       faults.append(common.minor_faults() - f0)
       losses.append(float(loss))
-    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'dispatch_s': dispatch, 'peak_rss_mib': common.peak_rss_mib(),
-            **self._device_memory()}
+    return {
+      'times': times,
+      'loads': loads,
+      'losses': losses,
+      'page_faults': faults,
+      'dispatch_s': dispatch,
+      'peak_rss_mib': common.peak_rss_mib(),
+      **self._device_memory(),
+    }
 
   def _device_memory(self):
     if not self.args.gpu:
       return {}
     stats = self.s['jax'].devices()[0].memory_stats() or {}
-    return {'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2 ** 20}
+    return {'device_peak_mib': stats.get('peak_bytes_in_use', 0) / 2**20}
 
   def merge(self, repeats: int = 5):
     """Merge time of all adapters, and merged vs base vs adapted inference latency (interleaved)."""
@@ -149,13 +177,17 @@ class Worker:
     diff = float(jnp.max(jnp.abs(y_merged.astype(jnp.float32) - y_adapted.astype(jnp.float32))))
     lat = {'base': [], 'merged': [], 'adapted': []}
     for _ in range(repeats * 2):
-      for name, fn, p in (('base', forward, base_params), ('merged', forward, merged),
-                          ('adapted', adapted, params)):
+      for name, fn, p in (('base', forward, base_params), ('merged', forward, merged), ('adapted', adapted, params)):
         t = time.perf_counter()
         fn(p, ids).block_until_ready()
         lat[name].append(time.perf_counter() - t)
-    return {'merge_s': merge_times, 'latency_s': lat, 'merged_vs_adapted_max_abs': diff,
-            'logit_scale': scale, 'forward_compile_s': compile_t}
+    return {
+      'merge_s': merge_times,
+      'latency_s': lat,
+      'merged_vs_adapted_max_abs': diff,
+      'logit_scale': scale,
+      'forward_compile_s': compile_t,
+    }
 
   def trace(self, steps: int, out: str):
     """A jax.profiler trace (with a Perfetto JSON) of `steps` steps, for benchmarks/profile.py."""
@@ -170,6 +202,7 @@ class Worker:
 
 def _drop_adapter_leaves(params):
   from flax_adapters.methods import LEAF_NAMES
+
   if isinstance(params, dict):
     return {k: _drop_adapter_leaves(v) for k, v in params.items() if k not in LEAF_NAMES}
   return params

@@ -21,9 +21,12 @@ def main(size: str, out: str) -> None:
   torch.manual_seed(0)
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(size)))
   arrays = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  peft_model = get_peft_model(model, LoraConfig(
-      r=LORA['rank'], lora_alpha=LORA['alpha'], target_modules=LORA['targets'], lora_dropout=0.0,
-      fan_in_fan_out=True))
+  peft_model = get_peft_model(
+    model,
+    LoraConfig(
+      r=LORA['rank'], lora_alpha=LORA['alpha'], target_modules=LORA['targets'], lora_dropout=0.0, fan_in_fan_out=True
+    ),
+  )
   for name, p in peft_model.named_parameters():
     if 'lora_A' in name:
       arrays['peft:' + name] = p.detach().numpy().copy()

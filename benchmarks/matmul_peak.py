@@ -29,15 +29,17 @@ def main(framework: str, gpu: bool, bf16: bool) -> None:
   if framework == 'jax':
     import jax
     import jax.numpy as jnp
+
     dtype = jnp.bfloat16 if bf16 else jnp.float32
     f = jax.jit(lambda a, b: a @ b)
     for n in SIZES:
       a = jax.random.normal(jax.random.key(0), (n, n), dtype)
       b = jax.random.normal(jax.random.key(1), (n, n), dtype)
       f(a, b).block_until_ready()
-      out[n] = 2 * n ** 3 / _best(lambda: f(a, b).block_until_ready(), repeats) / 1e9
+      out[n] = 2 * n**3 / _best(lambda: f(a, b).block_until_ready(), repeats) / 1e9
   else:
     import torch
+
     torch.set_num_threads(os.cpu_count())
     dev = 'cuda' if gpu else 'cpu'
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -47,7 +49,7 @@ def main(framework: str, gpu: bool, bf16: bool) -> None:
       b = torch.randn(n, n, dtype=dtype, device=dev)
       a @ b
       sync()
-      out[n] = 2 * n ** 3 / _best(lambda: (a @ b, sync()), repeats) / 1e9
+      out[n] = 2 * n**3 / _best(lambda: (a @ b, sync()), repeats) / 1e9
   print(json.dumps(out))
 
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 from benchmarks import common
-from benchmarks.run import ROOT, HERE, Worker, say
+from benchmarks.run import HERE, ROOT, Worker, say
 
 MODULES = ('c_attn', 'attn/c_proj', 'mlp/c_fc', 'mlp/c_proj', 'ln_1', 'ln_2', 'ln_f', 'wte', 'wpe')
 
@@ -73,9 +73,9 @@ def jax_profile(trace_dir: str, hlo_path: str, steps: int) -> dict:
     short = re.sub(r'h_\d+', 'h_*', op.replace('jit(step)/', ''))
     by_op[(re.sub(r'\.\d+$', '', e['name']), shape, short[-90:])] += e['dur'] / 1e3 / steps
   return {
-      'op_ms_per_step': sum(by_cat.values()),
-      'by_category': sorted(([*k, round(v, 1)] for k, v in by_cat.items()), key=lambda r: -r[-1]),
-      'top_ops': sorted(([*k, round(v, 1)] for k, v in by_op.items()), key=lambda r: -r[-1])[:30],
+    'op_ms_per_step': sum(by_cat.values()),
+    'by_category': sorted(([*k, round(v, 1)] for k, v in by_cat.items()), key=lambda r: -r[-1]),
+    'top_ops': sorted(([*k, round(v, 1)] for k, v in by_op.items()), key=lambda r: -r[-1])[:30],
   }
 
 
@@ -87,18 +87,36 @@ def main(argv=None):
   args = p.parse_args(argv)
   args.size = 'quick' if args.quick else 'gpt2'
   args.gpu = args.bf16 = False
-  result = {'machine': common.machine(), 'size': args.size, 'mode': args.mode,
-            'date': datetime.datetime.now().isoformat(timespec='seconds')}
+  result = {
+    'machine': common.machine(),
+    'size': args.size,
+    'mode': args.mode,
+    'date': datetime.datetime.now().isoformat(timespec='seconds'),
+  }
   with tempfile.TemporaryDirectory() as tmp:
     args.tmp, args.weights = tmp, os.path.join(tmp, 'weights.npz')
     env = dict(os.environ, JAX_PLATFORMS='cpu')
     env['GLIBC_TUNABLES'] = 'glibc.malloc.hugetlb=1'
-    subprocess.run([sys.executable, '-m', 'benchmarks.make_weights', args.size, args.weights],
-                   cwd=ROOT, check=True, env=env, stderr=subprocess.DEVNULL)
+    subprocess.run(
+      [sys.executable, '-m', 'benchmarks.make_weights', args.size, args.weights],
+      cwd=ROOT,
+      check=True,
+      env=env,
+      stderr=subprocess.DEVNULL,
+    )
     dump = os.path.join(tmp, 'dump')
-    jenv = dict(env, XLA_FLAGS=' '.join([
-        env.get('XLA_FLAGS', ''), '--xla_cpu_enable_xprof_traceme=true', f'--xla_dump_to={dump}',
-        '--xla_dump_hlo_as_text', '--xla_dump_hlo_module_re=.*step.*']))
+    jenv = dict(
+      env,
+      XLA_FLAGS=' '.join(
+        [
+          env.get('XLA_FLAGS', ''),
+          '--xla_cpu_enable_xprof_traceme=true',
+          f'--xla_dump_to={dump}',
+          '--xla_dump_hlo_as_text',
+          '--xla_dump_hlo_module_re=.*step.*',
+        ]
+      ),
+    )
     jw = Worker(f'jax_{args.mode}', 'jax_worker', args, jenv)
     try:
       jw.call('setup')
@@ -118,18 +136,18 @@ def main(argv=None):
       result['torch'] = {'step_s': timed['times'], **tw.call('profile', steps=args.steps, top=30)}
     finally:
       tw.close()
-  out = os.path.join(HERE, 'results', f"profile-{args.size}-{args.mode}-{result['date'].replace(':', '')}.json")
+  out = os.path.join(HERE, 'results', f'profile-{args.size}-{args.mode}-{result["date"].replace(":", "")}.json')
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(result, f, indent=1)
   j, t = result['jax'], result['torch']
-  print(f"flax_adapters {args.mode} step: {min(j['step_s']):.3f}s; XLA op time per step {j['op_ms_per_step']:.0f} ms")
+  print(f'flax_adapters {args.mode} step: {min(j["step_s"]):.3f}s; XLA op time per step {j["op_ms_per_step"]:.0f} ms')
   print('  ms/step  phase     where               kind')
   for phase, where, kind, ms in j['by_category']:
     print(f'  {ms:7.1f}  {phase:9s} {where:19s} {kind}')
-  print(f"PEFT {args.mode} step: {min(t['step_s']):.3f}s; top torch ops (self time)")
+  print(f'PEFT {args.mode} step: {min(t["step_s"]):.3f}s; top torch ops (self time)')
   for r in t['ops']:
-    print(f"  {r['self_ms_per_step']:7.1f}  x{r['calls_per_step']:<5.0f} {r['op']}")
+    print(f'  {r["self_ms_per_step"]:7.1f}  x{r["calls_per_step"]:<5.0f} {r["op"]}')
   say(f'[profile] wrote {out}')
 
 

@@ -39,16 +39,22 @@ ROOT = os.path.dirname(HERE)
 # fewer faults); 'retain' also keeps freed memory in the process (one arena, no mmap, no trimming),
 # so a training loop's buffers are reused without faults. torch gets the same settings.
 MALLOC = {
-    'default': '',
-    'thp': 'glibc.malloc.hugetlb=1',
-    'retain': 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
-              'glibc.malloc.trim_threshold=68719476736',
+  'default': '',
+  'thp': 'glibc.malloc.hugetlb=1',
+  'retain': 'glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:'
+  'glibc.malloc.trim_threshold=68719476736',
 }
 
 TARGETS = {
-    'lora_vs_peft': 1.0, 'lora_vs_peft_aim': 0.85, 'lora_mem_vs_peft': 0.85,
-    'full_vs_peft': 0.85, 'lora_vs_own_full': 0.68, 'lora_peak_fraction': 0.60,
-    'lora_peak_fraction_aim': 0.65, 'merge_s': 0.5, 'merged_latency_tolerance': 0.05,
+  'lora_vs_peft': 1.0,
+  'lora_vs_peft_aim': 0.85,
+  'lora_mem_vs_peft': 0.85,
+  'full_vs_peft': 0.85,
+  'lora_vs_own_full': 0.68,
+  'lora_peak_fraction': 0.60,
+  'lora_peak_fraction_aim': 0.65,
+  'merge_s': 0.5,
+  'merged_latency_tolerance': 0.05,
 }
 
 
@@ -58,11 +64,24 @@ class Worker:
   def __init__(self, name, module, args, env=None, mode=None):
     self.name = name
     self.log = open(os.path.join(args.tmp, f'{name}.log'), 'w')
-    cmd = [sys.executable, '-m', f'benchmarks.{module}', '--mode', mode or name.split('_')[1],
-           '--size', args.size, '--weights', args.weights] + (['--gpu'] if args.gpu else []) + (
-               ['--bf16'] if args.bf16 else [])
-    self.proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                 stderr=self.log, text=True, env=env)
+    cmd = (
+      [
+        sys.executable,
+        '-m',
+        f'benchmarks.{module}',
+        '--mode',
+        mode or name.split('_')[1],
+        '--size',
+        args.size,
+        '--weights',
+        args.weights,
+      ]
+      + (['--gpu'] if args.gpu else [])
+      + (['--bf16'] if args.bf16 else [])
+    )
+    self.proc = subprocess.Popen(
+      cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
+    )
 
   def call(self, op, **kw):
     self.proc.stdin.write(json.dumps({'op': op, **kw}) + '\n')
@@ -97,8 +116,12 @@ def matmul_peak(args, env):
   for _ in range(2):  # interleaved: jax, torch, jax, torch
     for fw in ('jax', 'torch'):
       common.wait_quiet(max_wait=args.max_wait)
-      got = run_json([sys.executable, '-m', 'benchmarks.matmul_peak', fw] + (['--gpu'] if args.gpu else [])
-                     + (['--bf16'] if args.bf16 else []), env)
+      got = run_json(
+        [sys.executable, '-m', 'benchmarks.matmul_peak', fw]
+        + (['--gpu'] if args.gpu else [])
+        + (['--bf16'] if args.bf16 else []),
+        env,
+      )
       for n, v in got.items():
         best[fw][n] = max(best[fw].get(n, 0.0), v)
   peak = max(v for fw in best.values() for v in fw.values())
@@ -118,25 +141,46 @@ def summarize_pair(rounds, a, b):
     tb += r[b]['times']
     la += r[a]['loads']
     lb += r[b]['loads']
-  return {'ratio': median(ratios), 'round_ratios': ratios, a: median(ta), b: median(tb),
-          f'{a}_min': min(ta), f'{b}_min': min(tb), f'{a}_load': median(la), f'{b}_load': median(lb),
-          f'{a}_steps': len(ta), f'{b}_steps': len(tb)}
+  return {
+    'ratio': median(ratios),
+    'round_ratios': ratios,
+    a: median(ta),
+    b: median(tb),
+    f'{a}_min': min(ta),
+    f'{b}_min': min(tb),
+    f'{a}_load': median(la),
+    f'{b}_load': median(lb),
+    f'{a}_steps': len(ta),
+    f'{b}_steps': len(tb),
+  }
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--quick', action='store_true', help='small model, few rounds (smoke test)')
   p.add_argument('--gpu', action='store_true', help='on a GPU, both sides: bf16 compute, fp32 adapters')
-  p.add_argument('--bf16', action='store_true',
-                 help='bf16 compute, fp32 adapters (implied by --gpu; on CPU: a smoke test of that mode)')
+  p.add_argument(
+    '--bf16',
+    action='store_true',
+    help='bf16 compute, fp32 adapters (implied by --gpu; on CPU: a smoke test of that mode)',
+  )
   p.add_argument('--rounds', type=int, default=None, help='interleaved rounds (default 6; 3 quick)')
   p.add_argument('--steps-per-round', type=int, default=2)
-  p.add_argument('--max-wait', type=float, default=20.0,
-                 help='seconds to wait for a quiet machine before each block of steps')
-  p.add_argument('--malloc', choices=tuple(MALLOC), default='retain',
-                 help='glibc malloc settings for both sides in the timed run (default: retain; see README.md)')
-  p.add_argument('--mem-malloc', choices=tuple(MALLOC), default='thp',
-                 help='glibc malloc settings for the memory run, each side alone (default: thp)')
+  p.add_argument(
+    '--max-wait', type=float, default=20.0, help='seconds to wait for a quiet machine before each block of steps'
+  )
+  p.add_argument(
+    '--malloc',
+    choices=tuple(MALLOC),
+    default='retain',
+    help='glibc malloc settings for both sides in the timed run (default: retain; see README.md)',
+  )
+  p.add_argument(
+    '--mem-malloc',
+    choices=tuple(MALLOC),
+    default='thp',
+    help='glibc malloc settings for the memory run, each side alone (default: thp)',
+  )
   p.add_argument('--skip', default='', help='comma list of parts to skip: peak,full,merge,memory')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/<size>-<device>-<time>.json)')
   p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md and README.md')
@@ -157,17 +201,33 @@ def main(argv=None):
     args.tmp = tmp
     args.weights = os.path.join(tmp, 'weights.npz')
     say(f'[run] weights for {args.size} ...')
-    subprocess.run([sys.executable, '-m', 'benchmarks.make_weights', args.size, args.weights],
-                   cwd=ROOT, check=True, env=env, stderr=subprocess.DEVNULL)
-    result = {'machine': common.machine(), 'size': args.size, 'config': SIZES[args.size],
-              'lora': LORA, 'gpu': args.gpu, 'bf16': args.bf16, 'date': datetime.datetime.now().isoformat(timespec='seconds'),
-              'xla_flags': env.get('XLA_FLAGS', ''), 'malloc': args.malloc, 'mem_malloc': args.mem_malloc,
-              'glibc_tunables': env.get('GLIBC_TUNABLES', ''), 'n_rounds': args.rounds,
-              'steps_per_round': args.steps_per_round, 'targets': TARGETS}
+    subprocess.run(
+      [sys.executable, '-m', 'benchmarks.make_weights', args.size, args.weights],
+      cwd=ROOT,
+      check=True,
+      env=env,
+      stderr=subprocess.DEVNULL,
+    )
+    result = {
+      'machine': common.machine(),
+      'size': args.size,
+      'config': SIZES[args.size],
+      'lora': LORA,
+      'gpu': args.gpu,
+      'bf16': args.bf16,
+      'date': datetime.datetime.now().isoformat(timespec='seconds'),
+      'xla_flags': env.get('XLA_FLAGS', ''),
+      'malloc': args.malloc,
+      'mem_malloc': args.mem_malloc,
+      'glibc_tunables': env.get('GLIBC_TUNABLES', ''),
+      'n_rounds': args.rounds,
+      'steps_per_round': args.steps_per_round,
+      'targets': TARGETS,
+    }
     if 'peak' not in skip:
       say('[run] matmul peak ...')
       result['matmul'] = matmul_peak(args, env)
-      say(f"[run]   {result['matmul']}")
+      say(f'[run]   {result["matmul"]}')
 
     names = ['jax_lora', 'torch_lora'] + ([] if 'full' in skip else ['jax_full', 'torch_full'])
     workers = {}
@@ -178,20 +238,25 @@ def main(argv=None):
         common.wait_quiet(max_wait=args.max_wait)
         result.setdefault('setup', {})[n] = workers[n].call('setup')
         s = result['setup'][n]
-        say(f"[run]   build {s['build_s']:.1f}s" + (f", compile {s['compile_s']:.1f}s" if 'compile_s' in s else '')
-            + f", warm-up {['%.3f' % t for t in s['warmup']['times']]}")
+        say(
+          f'[run]   build {s["build_s"]:.1f}s'
+          + (f', compile {s["compile_s"]:.1f}s' if 'compile_s' in s else '')
+          + f', warm-up {["%.3f" % t for t in s["warmup"]["times"]]}'
+        )
       pairs = [('jax_lora', 'torch_lora')] + ([] if 'full' in skip else [('jax_full', 'torch_full')])
       rounds = []
       for r in range(args.rounds):
         got = {}
         for a, b in pairs:
-          for n in ((a, b) if r % 2 == 0 else (b, a)):
+          for n in (a, b) if r % 2 == 0 else (b, a):
             waited = common.wait_quiet(max_wait=args.max_wait)
             got[n] = workers[n].call('steps', n=args.steps_per_round)
             got[n]['waited_s'] = waited
         rounds.append(got)
-        say(f'[run] round {r + 1}/{args.rounds}: ' + ', '.join(
-            f"{n} {median(v['times']):.3f}s (load {max(v['loads']):.2f})" for n, v in got.items()))
+        say(
+          f'[run] round {r + 1}/{args.rounds}: '
+          + ', '.join(f'{n} {median(v["times"]):.3f}s (load {max(v["loads"]):.2f})' for n, v in got.items())
+        )
       result['rounds'] = rounds
       if 'merge' not in skip:
         say('[run] merge and inference ...')
@@ -210,16 +275,19 @@ def main(argv=None):
       result['memory'] = {'malloc': args.mem_malloc, 'glibc_tunables': MALLOC[args.mem_malloc]}
       for n in names:
         say(f'[run] memory of {n} (malloc={args.mem_malloc}) ...')
-        w = Worker(n + '_mem', 'jax_worker' if n.startswith('jax') else 'torch_worker', args, menv,
-                   mode=n.split('_')[1])
+        w = Worker(
+          n + '_mem', 'jax_worker' if n.startswith('jax') else 'torch_worker', args, menv, mode=n.split('_')[1]
+        )
         try:
           st = w.call('setup')
           steps = w.call('steps', n=4)
           result['memory'][n] = {
-              'train_peak_rss_mib': max(st['warmup_after_release']['peak_rss_mib'], steps['peak_rss_mib']),
-              'process_peak_rss_mib': max(st['setup_peak_rss_mib'], steps['peak_rss_mib'],
-                                          st['warmup_after_release']['peak_rss_mib']),
-              'times': steps['times']}
+            'train_peak_rss_mib': max(st['warmup_after_release']['peak_rss_mib'], steps['peak_rss_mib']),
+            'process_peak_rss_mib': max(
+              st['setup_peak_rss_mib'], steps['peak_rss_mib'], st['warmup_after_release']['peak_rss_mib']
+            ),
+            'times': steps['times'],
+          }
         finally:
           w.close()
 
@@ -228,9 +296,11 @@ def main(argv=None):
   result['summary'] = summarize(result)
   result['wall_s'] = time.perf_counter() - t_start
   out = args.out or os.path.join(
-      HERE, 'results',
-      f"{args.size}-{'gpu' if args.gpu else 'cpu'}{'-bf16' if args.bf16 else ''}"
-      f"{'' if args.malloc == 'retain' else '-malloc-' + args.malloc}-{result['date'].replace(':', '')}.json")
+    HERE,
+    'results',
+    f'{args.size}-{"gpu" if args.gpu else "cpu"}{"-bf16" if args.bf16 else ""}'
+    f'{"" if args.malloc == "retain" else "-malloc-" + args.malloc}-{result["date"].replace(":", "")}.json',
+  )
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:
     json.dump(result, f, indent=1)
@@ -245,9 +315,18 @@ def summarize(res):
   s = {}
   rounds = res['rounds']
   cfg = res['config']
-  fl = {m: common.gpt2_flops(n_layer=cfg['n_layer'], n_embd=cfg['n_embd'], vocab=cfg['vocab_size'],
-                             batch=cfg['batch'], seq=cfg['seq'], mode=m, rank=LORA['rank'])['step']
-        for m in ('lora', 'full')}
+  fl = {
+    m: common.gpt2_flops(
+      n_layer=cfg['n_layer'],
+      n_embd=cfg['n_embd'],
+      vocab=cfg['vocab_size'],
+      batch=cfg['batch'],
+      seq=cfg['seq'],
+      mode=m,
+      rank=LORA['rank'],
+    )['step']
+    for m in ('lora', 'full')
+  }
   s['flops'] = fl
   s['lora'] = summarize_pair(rounds, 'jax_lora', 'torch_lora')
   if 'jax_full' in rounds[0]:
@@ -259,10 +338,15 @@ def summarize(res):
   for mode in ('lora', 'full'):
     if f'jax_{mode}' not in rounds[0]:
       continue
+
     def losses(side):
       st = res['setup'][f'{side}_{mode}']
-      return (st['warmup']['losses'] + st['warmup_after_release']['losses']
-              + [x for r in rounds for x in r[f'{side}_{mode}']['losses']])
+      return (
+        st['warmup']['losses']
+        + st['warmup_after_release']['losses']
+        + [x for r in rounds for x in r[f'{side}_{mode}']['losses']]
+      )
+
     ja, to = losses('jax'), losses('torch')
     s['loss_max_abs_diff'][mode] = max(abs(x - y) for x, y in zip(ja, to))
     s.setdefault('first_loss', {})[mode] = {'jax': ja[0], 'torch': to[0]}
@@ -270,13 +354,15 @@ def summarize(res):
   # malloc_trim, up to before merging, which adds a merged copy of the params), and the whole
   # process's peak including setup (loading the shared weights file, building, compiling) and the
   # two warm-up steps.
-  s['peak_rss_mib'] = {n: max([r[n]['peak_rss_mib'] for r in rounds]
-                               + [res['setup'][n]['warmup_after_release']['peak_rss_mib']]) for n in rounds[0]}
+  s['peak_rss_mib'] = {
+    n: max([r[n]['peak_rss_mib'] for r in rounds] + [res['setup'][n]['warmup_after_release']['peak_rss_mib']])
+    for n in rounds[0]
+  }
   s['page_faults_per_step'] = {n: median([x for r in rounds for x in r[n]['page_faults']]) for n in rounds[0]}
-  s['dispatch_ms'] = {n: 1e3 * median([x for r in rounds for x in r[n]['dispatch_s']])
-                      for n in rounds[0] if 'dispatch_s' in rounds[0][n]}
-  s['process_peak_rss_mib'] = {n: max(s['peak_rss_mib'][n], res['setup'][n]['setup_peak_rss_mib'])
-                               for n in rounds[0]}
+  s['dispatch_ms'] = {
+    n: 1e3 * median([x for r in rounds for x in r[n]['dispatch_s']]) for n in rounds[0] if 'dispatch_s' in rounds[0][n]
+  }
+  s['process_peak_rss_mib'] = {n: max(s['peak_rss_mib'][n], res['setup'][n]['setup_peak_rss_mib']) for n in rounds[0]}
   if res['gpu']:
     s['device_peak_mib'] = {n: max(r[n].get('device_peak_mib', 0) for r in rounds) for n in rounds[0]}
   for key, peaks in (('', s['peak_rss_mib']), ('process_', s['process_peak_rss_mib'])):
@@ -288,8 +374,9 @@ def summarize(res):
     for key in ('train', 'process'):
       for mode in ('lora', 'full'):
         if f'jax_{mode}' in mem:
-          s[f'{key}_mem_ratio_{mode}'] = (mem[f'jax_{mode}'][f'{key}_peak_rss_mib']
-                                          / mem[f'torch_{mode}'][f'{key}_peak_rss_mib'])
+          s[f'{key}_mem_ratio_{mode}'] = (
+            mem[f'jax_{mode}'][f'{key}_peak_rss_mib'] / mem[f'torch_{mode}'][f'{key}_peak_rss_mib']
+          )
   if 'matmul' in res:
     peak = res['matmul']['peak_gflops']
     s['achieved_gflops'] = {}
@@ -302,10 +389,15 @@ def summarize(res):
     m = res['merge']
     lat = m['latency_s']
     ratios = [x / y for x, y in zip(lat['merged'], lat['base'])]
-    s['merge'] = {'merge_s_first': m['merge_s'][0], 'merge_s': median(m['merge_s'][1:] or m['merge_s']),
-                  'base_latency_s': median(lat['base']), 'merged_latency_s': median(lat['merged']),
-                  'adapted_latency_s': median(lat['adapted']), 'merged_over_base': median(ratios),
-                  'merged_vs_adapted_max_abs': m['merged_vs_adapted_max_abs']}
+    s['merge'] = {
+      'merge_s_first': m['merge_s'][0],
+      'merge_s': median(m['merge_s'][1:] or m['merge_s']),
+      'base_latency_s': median(lat['base']),
+      'merged_latency_s': median(lat['merged']),
+      'adapted_latency_s': median(lat['adapted']),
+      'merged_over_base': median(ratios),
+      'merged_vs_adapted_max_abs': m['merged_vs_adapted_max_abs'],
+    }
   return s
 
 
@@ -317,25 +409,29 @@ def format_table(res):
   s, m = res['summary'], res['machine']
   ja, to = s['lora']['jax_lora'], s['lora']['torch_lora']
   rows = [
-      f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; "
-      f"{'GPU ' + res.get('gpu_name', '') if res['gpu'] else 'CPU'}; "
-      f"{'bf16 compute, fp32 adapters' if res.get('bf16') else 'fp32'}; "
-      f"model {res['size']} {res['config']}; {res['date']}"
-      + ('' if res['size'] == 'gpt2' else ' (smoke test: the targets are for GPT-2 small)'),
-      '',
-      '| measurement | flax_adapters | PEFT (torch) | ratio | target | met |',
-      '|---|---|---|---|---|---|',
-      f"| LoRA step (s, median) | {ja:.3f} | {to:.3f} | {s['lora']['ratio']:.3f} | <= 1.0 (aim 0.85) | "
-      f"{_ok(s['lora']['ratio'] <= 1.0)} |",
+    f'Machine: {m["cpu"]}, {m["cores"]} cores, {m["mem_gib"]} GiB; '
+    f'{"GPU " + res.get("gpu_name", "") if res["gpu"] else "CPU"}; '
+    f'{"bf16 compute, fp32 adapters" if res.get("bf16") else "fp32"}; '
+    f'model {res["size"]} {res["config"]}; {res["date"]}'
+    + ('' if res['size'] == 'gpt2' else ' (smoke test: the targets are for GPT-2 small)'),
+    '',
+    '| measurement | flax_adapters | PEFT (torch) | ratio | target | met |',
+    '|---|---|---|---|---|---|',
+    f'| LoRA step (s, median) | {ja:.3f} | {to:.3f} | {s["lora"]["ratio"]:.3f} | <= 1.0 (aim 0.85) | '
+    f'{_ok(s["lora"]["ratio"] <= 1.0)} |',
   ]
   if 'full' in s:
     f = s['full']
-    rows.append(f"| full fine-tuning step (s, median) | {f['jax_full']:.3f} | {f['torch_full']:.3f} | "
-                f"{f['ratio']:.3f} | <= 0.85 | {_ok(f['ratio'] <= 0.85)} |")
+    rows.append(
+      f'| full fine-tuning step (s, median) | {f["jax_full"]:.3f} | {f["torch_full"]:.3f} | '
+      f'{f["ratio"]:.3f} | <= 0.85 | {_ok(f["ratio"] <= 0.85)} |'
+    )
     o = s['lora_vs_own_full']
-    rows.append(f"| LoRA step / own full step | {o['ratio']:.3f} | "
-                f"{s['peft_lora_vs_peft_full']['ratio']:.3f} | | <= 0.68 (FLOP floor "
-                f"{s['flops']['lora'] / s['flops']['full']:.2f}) | {_ok(o['ratio'] <= 0.68)} |")
+    rows.append(
+      f'| LoRA step / own full step | {o["ratio"]:.3f} | '
+      f'{s["peft_lora_vs_peft_full"]["ratio"]:.3f} | | <= 0.68 (FLOP floor '
+      f'{s["flops"]["lora"] / s["flops"]["full"]:.2f}) | {_ok(o["ratio"] <= 0.68)} |'
+    )
   pr = s['peak_rss_mib']
   if 'memory' in res:
     mem = res['memory']
@@ -346,58 +442,90 @@ def format_table(res):
       for key, label in (('train', 'while training'), ('process', 'of the process, incl. setup')):
         r = s[f'{key}_mem_ratio_{mode}']
         met = _ok(r <= 0.85) if mode == 'lora' else ''
-        rows.append(f"| {'LoRA' if mode == 'lora' else 'full'} peak RSS {label} (MiB) | "
-                    f"{mem[f'jax_{mode}'][f'{key}_peak_rss_mib']:.0f} | {mem[f'torch_{mode}'][f'{key}_peak_rss_mib']:.0f} | "
-                    f"{r:.3f} |{target} {met} |")
+        rows.append(
+          f'| {"LoRA" if mode == "lora" else "full"} peak RSS {label} (MiB) | '
+          f'{mem[f"jax_{mode}"][f"{key}_peak_rss_mib"]:.0f} | {mem[f"torch_{mode}"][f"{key}_peak_rss_mib"]:.0f} | '
+          f'{r:.3f} |{target} {met} |'
+        )
   speed_mem = ', '.join(f'{n} {v:.0f}' for n, v in pr.items())
   if res['gpu'] and 'device_peak_mib' in s:
     dp = s['device_peak_mib']
-    rows.append(f"| LoRA peak device memory (MiB) | {dp['jax_lora']:.0f} | {dp['torch_lora']:.0f} | "
-                f"{dp['jax_lora'] / max(dp['torch_lora'], 1):.3f} | | |")
+    rows.append(
+      f'| LoRA peak device memory (MiB) | {dp["jax_lora"]:.0f} | {dp["torch_lora"]:.0f} | '
+      f'{dp["jax_lora"] / max(dp["torch_lora"], 1):.3f} | | |'
+    )
   if 'achieved_gflops' in s:
     a, peak = s['achieved_gflops'], res['matmul']['peak_gflops']
     mm = res['matmul']['by_framework']
-    rows.append(f"| matmul peak (GFLOP/s, best of 2048^3/4096^3) | "
-                f"{max(mm['jax'].values()):.0f} (jax) | {max(mm['torch'].values()):.0f} (torch) | | | |")
-    rows.append(f"| LoRA step GFLOP/s (fraction of {peak:.0f}) | {a['jax_lora']['gflops']:.0f} "
-                f"({a['jax_lora']['fraction_of_peak']:.0%}) | {a['torch_lora']['gflops']:.0f} "
-                f"({a['torch_lora']['fraction_of_peak']:.0%}) | | >= 60% (aim 65%) | "
-                f"{_ok(a['jax_lora']['fraction_of_peak'] >= 0.60)} |")
+    rows.append(
+      f'| matmul peak (GFLOP/s, best of 2048^3/4096^3) | '
+      f'{max(mm["jax"].values()):.0f} (jax) | {max(mm["torch"].values()):.0f} (torch) | | | |'
+    )
+    rows.append(
+      f'| LoRA step GFLOP/s (fraction of {peak:.0f}) | {a["jax_lora"]["gflops"]:.0f} '
+      f'({a["jax_lora"]["fraction_of_peak"]:.0%}) | {a["torch_lora"]["gflops"]:.0f} '
+      f'({a["torch_lora"]["fraction_of_peak"]:.0%}) | | >= 60% (aim 65%) | '
+      f'{_ok(a["jax_lora"]["fraction_of_peak"] >= 0.60)} |'
+    )
     if 'jax_full' in a:
-      rows.append(f"| full step GFLOP/s (fraction of peak) | {a['jax_full']['gflops']:.0f} "
-                  f"({a['jax_full']['fraction_of_peak']:.0%}) | {a['torch_full']['gflops']:.0f} "
-                  f"({a['torch_full']['fraction_of_peak']:.0%}) | | | |")
+      rows.append(
+        f'| full step GFLOP/s (fraction of peak) | {a["jax_full"]["gflops"]:.0f} '
+        f'({a["jax_full"]["fraction_of_peak"]:.0%}) | {a["torch_full"]["gflops"]:.0f} '
+        f'({a["torch_full"]["fraction_of_peak"]:.0%}) | | | |'
+      )
   if 'merge' in s:
     g = s['merge']
-    rows.append(f"| merge all adapters (s; first call {g['merge_s_first']:.3f}) | {g['merge_s']:.3f} | | | < 0.5 | "
-                f"{_ok(g['merge_s_first'] < 0.5)} |")
-    rows.append(f"| forward latency merged / base (s) | {g['merged_latency_s']:.4f} / {g['base_latency_s']:.4f} "
-                f"(adapted, unmerged: {g['adapted_latency_s']:.4f}) | | {g['merged_over_base']:.3f} | 1 +- 0.05 | "
-                f"{_ok(abs(g['merged_over_base'] - 1) <= 0.05)} |")
+    rows.append(
+      f'| merge all adapters (s; first call {g["merge_s_first"]:.3f}) | {g["merge_s"]:.3f} | | | < 0.5 | '
+      f'{_ok(g["merge_s_first"] < 0.5)} |'
+    )
+    rows.append(
+      f'| forward latency merged / base (s) | {g["merged_latency_s"]:.4f} / {g["base_latency_s"]:.4f} '
+      f'(adapted, unmerged: {g["adapted_latency_s"]:.4f}) | | {g["merged_over_base"]:.3f} | 1 +- 0.05 | '
+      f'{_ok(abs(g["merged_over_base"] - 1) <= 0.05)} |'
+    )
   st = res['setup']
-  rows.append(f"| compile (s), not in step times | LoRA {st['jax_lora']['compile_s']:.1f}"
-              + (f", full {st['jax_full']['compile_s']:.1f}" if 'jax_full' in st else '') + ' | | | | |')
+  rows.append(
+    f'| compile (s), not in step times | LoRA {st["jax_lora"]["compile_s"]:.1f}'
+    + (f', full {st["jax_full"]["compile_s"]:.1f}' if 'jax_full' in st else '')
+    + ' | | | | |'
+  )
   rows.append('')
   lo = s['lora']
-  rows.append(f"Steps per side: {lo['jax_lora_steps']} timed (after 3 warm-up), {res['n_rounds']} interleaved rounds. "
-              f"Loss agreement (same weights, batch, AdamW): max |loss_jax - loss_torch| = "
-              + ', '.join(f'{k} {v:.1e}' for k, v in s['loss_max_abs_diff'].items()) + '. '
-              "Median CPU share taken by other processes during the steps: "
-              + ', '.join(f"{n} {s[k][n + '_load']:.2f}" for k, names in
-                          (('lora', ('jax_lora', 'torch_lora')), ('full', ('jax_full', 'torch_full')))
-                          if k in s for n in names) + '.')
-  rows.append('Page faults per step (median): ' + ', '.join(
-      f'{n} {v:.0f}' for n, v in s['page_faults_per_step'].items()) + '. Host time to launch a jitted step: '
-      + ', '.join(f'{n} {v:.2f} ms' for n, v in s['dispatch_ms'].items()) + '.')
+  rows.append(
+    f'Steps per side: {lo["jax_lora_steps"]} timed (after 3 warm-up), {res["n_rounds"]} interleaved rounds. '
+    f'Loss agreement (same weights, batch, AdamW): max |loss_jax - loss_torch| = '
+    + ', '.join(f'{k} {v:.1e}' for k, v in s['loss_max_abs_diff'].items())
+    + '. '
+    'Median CPU share taken by other processes during the steps: '
+    + ', '.join(
+      f'{n} {s[k][n + "_load"]:.2f}'
+      for k, names in (('lora', ('jax_lora', 'torch_lora')), ('full', ('jax_full', 'torch_full')))
+      if k in s
+      for n in names
+    )
+    + '.'
+  )
+  rows.append(
+    'Page faults per step (median): '
+    + ', '.join(f'{n} {v:.0f}' for n, v in s['page_faults_per_step'].items())
+    + '. Host time to launch a jitted step: '
+    + ', '.join(f'{n} {v:.2f} ms' for n, v in s['dispatch_ms'].items())
+    + '.'
+  )
   if 'memory' in res:
-    rows.append(f"Peak RSS: each side alone in a fresh process with GLIBC_TUNABLES={res['memory']['glibc_tunables']!r} "
-                '(freed memory goes back to the OS); "while training" counts from after 2 warm-up steps and a '
-                f"malloc_trim. In the timed run (retaining allocator) the training peaks were: {speed_mem} MiB.")
+    rows.append(
+      f'Peak RSS: each side alone in a fresh process with GLIBC_TUNABLES={res["memory"]["glibc_tunables"]!r} '
+      '(freed memory goes back to the OS); "while training" counts from after 2 warm-up steps and a '
+      f'malloc_trim. In the timed run (retaining allocator) the training peaks were: {speed_mem} MiB.'
+    )
   else:
     rows.append(f'Peak RSS while training, timed run: {speed_mem} MiB.')
-  rows.append('FLOPs per step (analytic, both sides): LoRA %.1f G, full %.1f G. XLA_FLAGS=%r, '
-              'GLIBC_TUNABLES=%r (both sides).' % (
-      s['flops']['lora'] / 1e9, s['flops']['full'] / 1e9, res['xla_flags'], res.get('glibc_tunables', '')))
+  rows.append(
+    'FLOPs per step (analytic, both sides): LoRA %.1f G, full %.1f G. XLA_FLAGS=%r, '
+    'GLIBC_TUNABLES=%r (both sides).'
+    % (s['flops']['lora'] / 1e9, s['flops']['full'] / 1e9, res['xla_flags'], res.get('glibc_tunables', ''))
+  )
   return '\n'.join(rows)
 
 

@@ -16,7 +16,6 @@ from benchmarks.setup_cfg import ADAMW, LORA, hf_config_dict
 
 
 class Worker:
-
   def __init__(self, args):
     self.args = args
 
@@ -32,14 +31,21 @@ class Worker:
     self.device = torch.device('cuda' if args.gpu else 'cpu')
     weights = dict(np.load(args.weights))
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf_config_dict(args.size)))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()
-                           if ":" not in k and k != "input_ids"})
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items() if ':' not in k and k != 'input_ids'})
     if args.bf16 and args.mode == 'lora':
       model = model.to(torch.bfloat16)  # frozen bf16 base; PEFT keeps the adapters float32
     if args.mode == 'lora':
-      model = get_peft_model(model, LoraConfig(
-          r=LORA['rank'], lora_alpha=LORA['alpha'], target_modules=LORA['targets'],
-          lora_dropout=0.0, fan_in_fan_out=True), autocast_adapter_dtype=True)
+      model = get_peft_model(
+        model,
+        LoraConfig(
+          r=LORA['rank'],
+          lora_alpha=LORA['alpha'],
+          target_modules=LORA['targets'],
+          lora_dropout=0.0,
+          fan_in_fan_out=True,
+        ),
+        autocast_adapter_dtype=True,
+      )
       with torch.no_grad():
         for name, p in model.named_parameters():
           if 'lora_A' in name:
@@ -50,12 +56,17 @@ class Worker:
     self.ids = torch.from_numpy(weights['input_ids']).long().to(self.device)
     del weights
     trainable = [p for p in model.parameters() if p.requires_grad]
-    self.opt = torch.optim.AdamW(trainable, lr=ADAMW['lr'], betas=(ADAMW['b1'], ADAMW['b2']),
-                                 eps=ADAMW['eps'], weight_decay=ADAMW['weight_decay'])
-    out = {'build_s': time.perf_counter() - t0,
-           'gpu_name': torch.cuda.get_device_name() if args.gpu else None, 'trainable_params': sum(p.numel() for p in trainable),
-           'torch_version': torch.__version__, 'threads': torch.get_num_threads(),
-           'attn_implementation': model.config._attn_implementation}
+    self.opt = torch.optim.AdamW(
+      trainable, lr=ADAMW['lr'], betas=(ADAMW['b1'], ADAMW['b2']), eps=ADAMW['eps'], weight_decay=ADAMW['weight_decay']
+    )
+    out = {
+      'build_s': time.perf_counter() - t0,
+      'gpu_name': torch.cuda.get_device_name() if args.gpu else None,
+      'trainable_params': sum(p.numel() for p in trainable),
+      'torch_version': torch.__version__,
+      'threads': torch.get_num_threads(),
+      'attn_implementation': model.config._attn_implementation,
+    }
     # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
     # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
     # the training peak (over the timed steps) holds what training keeps resident on each side.
@@ -95,24 +106,32 @@ class Worker:
       loads.append(meter.others())
       faults.append(common.minor_faults() - f0)
       losses.append(float(loss.detach()))
-    return {'times': times, 'loads': loads, 'losses': losses, 'page_faults': faults, 'peak_rss_mib': common.peak_rss_mib(),
-            **self._device_memory()}
+    return {
+      'times': times,
+      'loads': loads,
+      'losses': losses,
+      'page_faults': faults,
+      'peak_rss_mib': common.peak_rss_mib(),
+      **self._device_memory(),
+    }
 
   def _device_memory(self):
     if not self.args.gpu:
       return {}
-    return {'device_peak_mib': self.torch.cuda.max_memory_allocated() / 2 ** 20}
+    return {'device_peak_mib': self.torch.cuda.max_memory_allocated() / 2**20}
 
   def profile(self, steps: int = 2, top: int = 25):
     """Self time per torch op over a few steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU]) as prof:
       for _ in range(steps):
         self._step()
     rows = []
     for e in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:top]:
-      rows.append({'op': e.key, 'self_ms_per_step': e.self_cpu_time_total / 1e3 / steps,
-                   'calls_per_step': e.count / steps})
+      rows.append(
+        {'op': e.key, 'self_ms_per_step': e.self_cpu_time_total / 1e3 / steps, 'calls_per_step': e.count / steps}
+      )
     return {'ops': rows}
 
   def final(self):

@@ -9,6 +9,16 @@ from conversion.pretrained import load_pretrained, save_pretrained
 from conversion.state_dict import load_state_dict, save_safetensors, to_numpy
 
 __all__ = [
-    'FAMILIES', 'Family', 'export_merged', 'export_peft', 'get_family', 'import_peft', 'load_pretrained',
-    'load_state_dict', 'restore_adapted', 'save_pretrained', 'save_safetensors', 'to_numpy',
+  'FAMILIES',
+  'Family',
+  'export_merged',
+  'export_peft',
+  'get_family',
+  'import_peft',
+  'load_pretrained',
+  'load_state_dict',
+  'restore_adapted',
+  'save_pretrained',
+  'save_safetensors',
+  'to_numpy',
 ]

@@ -82,8 +82,13 @@ def _restore(adapters_dir: str, base_dir: str):
   return adapted, params, config
 
 
-def export_peft_cmd(adapters_dir: str, base_dir: str, out_dir: str, task_type: str | None = 'default',
-                    base_model_name_or_path: str | None = None) -> dict:
+def export_peft_cmd(
+  adapters_dir: str,
+  base_dir: str,
+  out_dir: str,
+  task_type: str | None = 'default',
+  base_model_name_or_path: str | None = None,
+) -> dict:
   from conversion.peft import export_peft  # pylint: disable=g-import-not-at-top
 
   adapted, params, config = _restore(adapters_dir, base_dir)
@@ -99,8 +104,9 @@ def export_merged_cmd(adapters_dir: str, base_dir: str, out_dir: str, dtype: str
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='flax-adapters-convert', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    prog='flax-adapters-convert', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   sub = parser.add_subparsers(dest='command', required=True)
   a = sub.add_parser('to-flax', help='HF directory -> config.json + flax_params.msgpack')
   a.add_argument('hf_dir')
@@ -112,29 +118,38 @@ def main(argv: list[str] | None = None) -> int:
   b.add_argument('--dtype', default=None, choices=('float32', 'bfloat16', 'float16'))
   base_help = 'base model: an HF directory (config.json + weights) or a to-flax output directory'
   c = sub.add_parser(
-      'import-peft', help='PEFT LoRA/IA3 adapter directory -> flax_adapters adapter checkpoint',
-      description='Read a PEFT adapter (adapter_config.json + adapter_model.safetensors) onto the converted '
-      'base model and save it as a flax_adapters adapter checkpoint (orbax; load it with '
-      'conversion.peft.restore_adapted). Unsupported PEFT options are refused, never dropped.')
+    'import-peft',
+    help='PEFT LoRA/IA3 adapter directory -> flax_adapters adapter checkpoint',
+    description='Read a PEFT adapter (adapter_config.json + adapter_model.safetensors) onto the converted '
+    'base model and save it as a flax_adapters adapter checkpoint (orbax; load it with '
+    'conversion.peft.restore_adapted). Unsupported PEFT options are refused, never dropped.',
+  )
   c.add_argument('peft_dir', help='directory written by PEFT save_pretrained')
   c.add_argument('base_dir', help=base_help)
   c.add_argument('out_dir', help='adapter checkpoint directory to write')
   c.add_argument('--overwrite', action='store_true', help='replace out_dir if it exists')
   d = sub.add_parser(
-      'export-peft', help='flax_adapters adapter checkpoint -> PEFT adapter directory',
-      description='Write the adapters of a flax_adapters checkpoint as a PEFT directory that '
-      'peft.PeftModel.from_pretrained(torch_model, OUT_DIR) loads (LoRA or IA3, with rank_pattern, '
-      'alpha_pattern, modules_to_save and feedforward_modules as needed).')
+    'export-peft',
+    help='flax_adapters adapter checkpoint -> PEFT adapter directory',
+    description='Write the adapters of a flax_adapters checkpoint as a PEFT directory that '
+    'peft.PeftModel.from_pretrained(torch_model, OUT_DIR) loads (LoRA or IA3, with rank_pattern, '
+    'alpha_pattern, modules_to_save and feedforward_modules as needed).',
+  )
   d.add_argument('adapters_dir', help='adapter checkpoint (from import-peft or save_adapters)')
   d.add_argument('base_dir', help=base_help)
   d.add_argument('out_dir', help='PEFT directory to write')
-  d.add_argument('--task-type', default='default',
-                 help="PEFT task_type (default: CAUSAL_LM for llama/gpt2, FEATURE_EXTRACTION for bert; 'none' for none)")
+  d.add_argument(
+    '--task-type',
+    default='default',
+    help="PEFT task_type (default: CAUSAL_LM for llama/gpt2, FEATURE_EXTRACTION for bert; 'none' for none)",
+  )
   d.add_argument('--base-model-name-or-path', default=None, help='recorded as base_model_name_or_path')
   e = sub.add_parser(
-      'export-merged', help='adapters folded into the base -> HF model directory (model.safetensors)',
-      description='Fold every adapter of a flax_adapters checkpoint into the base weights and write an HF '
-      'model directory that from_pretrained loads (the same weights as PEFT merge_and_unload).')
+    'export-merged',
+    help='adapters folded into the base -> HF model directory (model.safetensors)',
+    description='Fold every adapter of a flax_adapters checkpoint into the base weights and write an HF '
+    'model directory that from_pretrained loads (the same weights as PEFT merge_and_unload).',
+  )
   e.add_argument('adapters_dir', help='adapter checkpoint (from import-peft or save_adapters)')
   e.add_argument('base_dir', help=base_help)
   e.add_argument('out_dir', help='HF model directory to write')

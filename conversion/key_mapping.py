@@ -104,7 +104,7 @@ def layer_pattern(key: str) -> tuple[str, int | None]:
   match = _LAYER_INDEX.search(key)
   if match is None:
     return key, None
-  return key[:match.start()] + '.' + LAYER + key[match.end():], int(match.group(1))
+  return key[: match.start()] + '.' + LAYER + key[match.end() :], int(match.group(1))
 
 
 def find_row(rows: Sequence[Row], torch_key: str) -> Row | None:

@@ -103,36 +103,68 @@ def _refuse(option: str, value: Any, why: str, fix: str) -> ValueError:
   return ValueError(f'{CONFIG_FILE} sets {option}={value!r}: {why}. Fix: {fix}.')
 
 
-_MERGE_FIX = ('merge the adapter in PyTorch (PeftModel.merge_and_unload()), save the merged model, and '
-              'convert that with conversion.load_pretrained')
+_MERGE_FIX = (
+  'merge the adapter in PyTorch (PeftModel.merge_and_unload()), save the merged model, and '
+  'convert that with conversion.load_pretrained'
+)
 
 # Options that must keep their neutral value: (field, neutral values, what it means).
 _NEUTRAL_LORA = (
-    ('use_dora', (False, None), 'DoRA (a learned magnitude vector per output feature) is not implemented'),
-    ('lora_bias', (False, None), 'LoRA with a trained bias on lora_B is not implemented'),
-    ('target_parameters', (None, [], ()), 'LoRA on raw nn.Parameters (e.g. MoE experts) is not implemented'),
-    ('layer_replication', (None, [], ()), 'layer replication changes the model\'s depth; not implemented'),
-    ('trainable_token_indices', (None, [], {}), 'trainable token rows of an embedding are not implemented'),
-    ('alora_invocation_tokens', (None, [], ()), 'activated LoRA (applied only after invocation tokens) is not implemented'),
-    ('use_qalora', (False, None), 'QALoRA (quantization-group pooling of the input) is not implemented'),
-    ('use_bdlora', (False, None, {}), 'block-diagonal LoRA is not implemented'),
-    ('megatron_config', (None, {}), 'Megatron-parallel LoRA layers are not implemented'),
-    ('arrow_config', (None, {}), 'Arrow routing between LoRA experts is not implemented'),
-    ('kasa_config', (None, {}), 'KaSA (singular-value adaptation) is not implemented'),
-    ('monteclora_config', (None, {}), 'MonteCLoRA is not implemented'),
-    ('velora_config', (None, {}), 'VeLoRA is not implemented'),
-    ('loftq_config', (None, {}), 'LoftQ rewrites the (quantized) base weights, so the adapter only fits that base'),
+  ('use_dora', (False, None), 'DoRA (a learned magnitude vector per output feature) is not implemented'),
+  ('lora_bias', (False, None), 'LoRA with a trained bias on lora_B is not implemented'),
+  ('target_parameters', (None, [], ()), 'LoRA on raw nn.Parameters (e.g. MoE experts) is not implemented'),
+  ('layer_replication', (None, [], ()), "layer replication changes the model's depth; not implemented"),
+  ('trainable_token_indices', (None, [], {}), 'trainable token rows of an embedding are not implemented'),
+  (
+    'alora_invocation_tokens',
+    (None, [], ()),
+    'activated LoRA (applied only after invocation tokens) is not implemented',
+  ),
+  ('use_qalora', (False, None), 'QALoRA (quantization-group pooling of the input) is not implemented'),
+  ('use_bdlora', (False, None, {}), 'block-diagonal LoRA is not implemented'),
+  ('megatron_config', (None, {}), 'Megatron-parallel LoRA layers are not implemented'),
+  ('arrow_config', (None, {}), 'Arrow routing between LoRA experts is not implemented'),
+  ('kasa_config', (None, {}), 'KaSA (singular-value adaptation) is not implemented'),
+  ('monteclora_config', (None, {}), 'MonteCLoRA is not implemented'),
+  ('velora_config', (None, {}), 'VeLoRA is not implemented'),
+  ('loftq_config', (None, {}), 'LoftQ rewrites the (quantized) base weights, so the adapter only fits that base'),
 )
 # Fields read and honoured, or informational only.
 _KNOWN = {
-    'common': ('peft_type', 'task_type', 'auto_mapping', 'peft_version', 'base_model_name_or_path', 'revision',
-               'inference_mode', 'target_modules', 'exclude_modules', 'fan_in_fan_out', 'modules_to_save'),
-    # (IA3Config has no layers_to_transform: PEFT ignores it there, so for IA3 it is an unknown option.)
-    'LORA': ('layers_to_transform', 'layers_pattern', 'r', 'lora_alpha', 'lora_dropout', 'bias', 'use_rslora',
-             'init_lora_weights', 'rank_pattern',
-             'alpha_pattern', 'megatron_core', 'qalora_group_size', 'runtime_config', 'eva_config',
-             'corda_config', 'lora_ga_config', 'ensure_weight_tying'),
-    'IA3': ('feedforward_modules', 'init_ia3_weights'),
+  'common': (
+    'peft_type',
+    'task_type',
+    'auto_mapping',
+    'peft_version',
+    'base_model_name_or_path',
+    'revision',
+    'inference_mode',
+    'target_modules',
+    'exclude_modules',
+    'fan_in_fan_out',
+    'modules_to_save',
+  ),
+  # (IA3Config has no layers_to_transform: PEFT ignores it there, so for IA3 it is an unknown option.)
+  'LORA': (
+    'layers_to_transform',
+    'layers_pattern',
+    'r',
+    'lora_alpha',
+    'lora_dropout',
+    'bias',
+    'use_rslora',
+    'init_lora_weights',
+    'rank_pattern',
+    'alpha_pattern',
+    'megatron_core',
+    'qalora_group_size',
+    'runtime_config',
+    'eva_config',
+    'corda_config',
+    'lora_ga_config',
+    'ensure_weight_tying',
+  ),
+  'IA3': ('feedforward_modules', 'init_ia3_weights'),
 }
 
 
@@ -218,8 +250,10 @@ class PeftSpec:
     """The rank and alpha PEFT gives module `name` (`get_pattern_key` over the pattern dicts)."""
     rank_pattern = self.raw.get('rank_pattern') or {}
     alpha_pattern = self.raw.get('alpha_pattern') or {}
-    return (int(rank_pattern.get(pattern_key(rank_pattern, name), self.r)),
-            alpha_pattern.get(pattern_key(alpha_pattern, name), self.lora_alpha))
+    return (
+      int(rank_pattern.get(pattern_key(rank_pattern, name), self.r)),
+      alpha_pattern.get(pattern_key(alpha_pattern, name), self.lora_alpha),
+    )
 
 
 def pattern_key(pattern_keys, name: str) -> str:
@@ -246,9 +280,10 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
   peft_type = raw.get('peft_type')
   if peft_type not in SUPPORTED_TYPES:
     raise ValueError(
-        f'{source} has peft_type={peft_type!r}; import_peft reads {list(SUPPORTED_TYPES)} only '
-        '(LoHa, LoKr, AdaLoRA, OFT, BOFT, VeRA, prompt tuning, ... are not implemented). '
-        f'Fix: {_MERGE_FIX}.')
+      f'{source} has peft_type={peft_type!r}; import_peft reads {list(SUPPORTED_TYPES)} only '
+      '(LoHa, LoKr, AdaLoRA, OFT, BOFT, VeRA, prompt tuning, ... are not implemented). '
+      f'Fix: {_MERGE_FIX}.'
+    )
   if peft_type == 'LORA':
     for field, neutral, why in _NEUTRAL_LORA:
       value = raw.get(field)
@@ -256,13 +291,21 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
         raise _refuse(field, value, why, f'train the adapter without it, or {_MERGE_FIX}')
     bias = raw.get('bias', 'none')
     if bias != 'none':
-      raise _refuse('bias', bias, 'PEFT then also trains the base layers\' biases, which is not implemented',
-                    f"train with bias='none' (name the layers in modules_to_save to train them whole), or {_MERGE_FIX}")
+      raise _refuse(
+        'bias',
+        bias,
+        "PEFT then also trains the base layers' biases, which is not implemented",
+        f"train with bias='none' (name the layers in modules_to_save to train them whole), or {_MERGE_FIX}",
+      )
     init = raw.get('init_lora_weights', True)
     if init not in _PLAIN_INITS:
-      raise _refuse('init_lora_weights', init, 'this initialisation rewrites the base weights, so the adapter '
-                    'only fits that modified base', 'save the adapter with path_initial_model_for_weight_conversion '
-                    f'(PEFT then writes a plain LoRA), or {_MERGE_FIX}')
+      raise _refuse(
+        'init_lora_weights',
+        init,
+        'this initialisation rewrites the base weights, so the adapter only fits that modified base',
+        'save the adapter with path_initial_model_for_weight_conversion '
+        f'(PEFT then writes a plain LoRA), or {_MERGE_FIX}',
+      )
     for field in ('r', 'lora_alpha'):
       value = raw.get(field, 8)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
@@ -271,8 +314,12 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
   unknown = {k: v for k, v in raw.items() if k not in known and v not in (None, False, {}, [], '', 0)}
   if unknown:
     k = sorted(unknown)[0]
-    raise _refuse(k, unknown[k], f'import_peft does not know this {peft_type} option (newer PEFT?), so it '
-                  'cannot promise the same outputs', f'leave it at its default, or {_MERGE_FIX}')
+    raise _refuse(
+      k,
+      unknown[k],
+      f'import_peft does not know this {peft_type} option (newer PEFT?), so it cannot promise the same outputs',
+      f'leave it at its default, or {_MERGE_FIX}',
+    )
   targets = raw.get('target_modules')
   if not targets or not isinstance(targets, (str, list)):
     raise ValueError(f'{source} has target_modules={targets!r}; expected a regex string or a list of module names.')
@@ -283,7 +330,9 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> PeftSpec:
   """Read and check `adapter_dir/adapter_config.json`."""
   path = os.path.join(os.fspath(adapter_dir), CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f'adapter_dir={os.fspath(adapter_dir)!r} has no {CONFIG_FILE}; it is not a PEFT adapter directory.')
+    raise FileNotFoundError(
+      f'adapter_dir={os.fspath(adapter_dir)!r} has no {CONFIG_FILE}; it is not a PEFT adapter directory.'
+    )
   with open(path) as f:
     try:
       raw = json.load(f)
@@ -360,8 +409,9 @@ def module_map(family: Family, config: Any) -> ModuleMap:
     kind[head] = 'tied'
     tied = family.tied_head[1].rsplit('.', 1)[0]
   torch = {v: k for k, v in flax.items()}
-  return ModuleMap(kind=kind, flax=flax, torch=torch, params={k: tuple(v) for k, v in params.items()},
-                   tied_embedding=tied)
+  return ModuleMap(
+    kind=kind, flax=flax, torch=torch, params={k: tuple(v) for k, v in params.items()}, tied_embedding=tied
+  )
 
 
 # -- reading a PEFT directory onto a flax model ----------------------------------------------
@@ -392,18 +442,18 @@ def _naming(family: Family, keys: Sequence[str]):
     return (lambda theirs: theirs.removeprefix(w)), (lambda ours: w + ours)
   if family.trunk_prefix and keys and not any(k.startswith(family.trunk_prefix) for k in keys):
     t = family.trunk_prefix
-    return (lambda theirs: t + theirs), (lambda ours: ours[len(t):] if ours.startswith(t) else None)
+    return (lambda theirs: t + theirs), (lambda ours: ours[len(t) :] if ours.startswith(t) else None)
   return (lambda theirs: theirs), (lambda ours: ours)
 
 
 _LORA_SUFFIXES = {'lora_A.weight': 'A', 'lora_B.weight': 'B', 'ia3_l': 'ia3'}
 _REFUSED_SUFFIXES = {
-    'lora_A.bias': 'lora_bias (a bias on lora_B) is not implemented',
-    'lora_B.bias': 'lora_bias (a bias on lora_B) is not implemented',
-    'lora_magnitude_vector': 'DoRA (use_dora) is not implemented',
-    'lora_magnitude_vector.weight': 'DoRA (use_dora) is not implemented',
-    'lora_embedding_A': 'LoRA on an embedding layer is not implemented (LoRA adapts Dense layers)',
-    'lora_embedding_B': 'LoRA on an embedding layer is not implemented (LoRA adapts Dense layers)',
+  'lora_A.bias': 'lora_bias (a bias on lora_B) is not implemented',
+  'lora_B.bias': 'lora_bias (a bias on lora_B) is not implemented',
+  'lora_magnitude_vector': 'DoRA (use_dora) is not implemented',
+  'lora_magnitude_vector.weight': 'DoRA (use_dora) is not implemented',
+  'lora_embedding_A': 'LoRA on an embedding layer is not implemented (LoRA adapts Dense layers)',
+  'lora_embedding_B': 'LoRA on an embedding layer is not implemented (LoRA adapts Dense layers)',
 }
 
 
@@ -426,14 +476,18 @@ def _resolve_family(family, config, model) -> tuple[Family, Any]:
   if config is None:
     config = getattr(model, 'config', None)
     if config is None:
-      raise TypeError('`config` is required: the family config the flax model was built from '
-                      '(e.g. the third value load_pretrained returns).')
+      raise TypeError(
+        '`config` is required: the family config the flax model was built from '
+        '(e.g. the third value load_pretrained returns).'
+      )
   if family is None:
     family = family_of(config)
   elif isinstance(family, str):
     family = get_family(family)
   elif not isinstance(family, Family):
-    raise TypeError(f"`family` must be a family name ('bert', 'llama', 'gpt2') or a Family, found {type(family).__name__}.")
+    raise TypeError(
+      f"`family` must be a family name ('bert', 'llama', 'gpt2') or a Family, found {type(family).__name__}."
+    )
   family.key_table(config)  # raises if config is not this family's
   return family, config
 
@@ -443,13 +497,13 @@ def _example_args(example_args):
 
 
 def import_peft(
-    adapter_dir: str | os.PathLike,
-    model: nn.Module,
-    params,
-    *example_args,
-    family: str | Family | None = None,
-    config: Any = None,
-    rng: jax.Array | None = None,
+  adapter_dir: str | os.PathLike,
+  model: nn.Module,
+  params,
+  *example_args,
+  family: str | Family | None = None,
+  config: Any = None,
+  rng: jax.Array | None = None,
 ) -> tuple[AdaptedModel, Any]:
   """Load a PEFT LoRA or IA3 adapter directory onto a converted flax model.
 
@@ -483,17 +537,28 @@ def import_peft(
   methods, values = _adapter_values(spec, mm, targeted, found, shapes, problems)
   base_updates, saved_flax = _saved_values(mm, saved, saved_tensors, their_name, shapes, family, problems)
   if not methods and not problems.lines:
-    problems.add('empty', f'target_modules={spec.raw.get("target_modules")!r} selects no module of '
-                 f'{family.hf_class_name} that the file adapts.')
-  problems.raise_if_any(f'Cannot import the PEFT {spec.peft_type} adapter in {os.fspath(adapter_dir)!r} onto '
-                        f'{family.model_class.__name__} ({family.hf_class_name} module names):')
+    problems.add(
+      'empty',
+      f'target_modules={spec.raw.get("target_modules")!r} selects no module of '
+      f'{family.hf_class_name} that the file adapts.',
+    )
+  problems.raise_if_any(
+    f'Cannot import the PEFT {spec.peft_type} adapter in {os.fspath(adapter_dir)!r} onto '
+    f'{family.model_class.__name__} ({family.hf_class_name} module names):'
+  )
 
   flat = traverse_util.flatten_dict(params)
   for path, value in base_updates.items():
     flat[path] = jnp.asarray(value, dtype=flat[path].dtype)
   params = traverse_util.unflatten_dict(flat)
-  adapted, params = adapt(model, params, {_escaped(p): m for p, m in methods.items()}, *_example_args(example_args),
-                          rng=rng, modules_to_save=[_escaped(p) for p in saved_flax])
+  adapted, params = adapt(
+    model,
+    params,
+    {_escaped(p): m for p, m in methods.items()},
+    *_example_args(example_args),
+    rng=rng,
+    modules_to_save=[_escaped(p) for p in saved_flax],
+  )
   flat = traverse_util.flatten_dict(params)
   for path, leaves in values.items():
     for name, value in leaves.items():
@@ -507,10 +572,13 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
   stripped = {}
   for key in tensors:
     if not key.startswith(PREFIX):
-      problems.add('unexpected key', f'{key!r} does not start with {PREFIX!r}, as every key PEFT saves does. '
-                   'Fix: this is not a PEFT adapter file, or it was renamed.')
+      problems.add(
+        'unexpected key',
+        f'{key!r} does not start with {PREFIX!r}, as every key PEFT saves does. '
+        'Fix: this is not a PEFT adapter file, or it was renamed.',
+      )
       continue
-    stripped[key[len(PREFIX):]] = key
+    stripped[key[len(PREFIX) :]] = key
   to_ours, their_name = _naming(family, list(stripped))
 
   # What the config selects, by PEFT's rules, over the modules torch has (matched in their naming).
@@ -519,8 +587,11 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
   targeted = {}
   for name in mm.names():
     theirs = their_name(name)
-    if theirs is not None and spec.targets(theirs, mm.kind[name]) and not any(
-        name == s or name.startswith(s + '.') for s in saved):
+    if (
+      theirs is not None
+      and spec.targets(theirs, mm.kind[name])
+      and not any(name == s or name.startswith(s + '.') for s in saved)
+    ):
       targeted[name] = theirs
 
   found: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
@@ -534,26 +605,38 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
     elif suffix:
       if module not in mm.kind or mm.kind[module] == 'tied':
         tied = '; its head is tied to the input embedding' if mm.kind.get(module) == 'tied' else ''
-        problems.add('unknown module', f'{file_key!r} adapts target module {module!r} that the flax model lacks '
-                     f'({model_name} has no such layer{tied}). Fix: load the adapter onto the model class it was '
-                     'made for, or drop this module from target_modules.')
+        problems.add(
+          'unknown module',
+          f'{file_key!r} adapts target module {module!r} that the flax model lacks '
+          f'({model_name} has no such layer{tied}). Fix: load the adapter onto the model class it was '
+          'made for, or drop this module from target_modules.',
+        )
       elif (suffix == 'ia3_l') != (spec.peft_type == 'IA3'):
         problems.add('unexpected key', f'{file_key!r} is not a {spec.peft_type} tensor (peft_type={spec.peft_type!r}).')
       elif module not in targeted:
-        problems.add('unexpected key', f'{file_key!r}: adapter_config.json\'s target_modules='
-                     f'{spec.raw.get("target_modules")!r} does not select module {their_name(module) or module!r}, '
-                     'so PEFT would not load this tensor. Fix: the config does not describe these weights.')
+        problems.add(
+          'unexpected key',
+          f"{file_key!r}: adapter_config.json's target_modules="
+          f'{spec.raw.get("target_modules")!r} does not select module {their_name(module) or module!r}, '
+          'so PEFT would not load this tensor. Fix: the config does not describe these weights.',
+        )
       else:
         found.setdefault(module, {})[suffix] = (file_key, tensors[file_key])
     elif any(ours.startswith(s + '.') for s in saved):
       saved_tensors[ours] = (file_key, tensors[file_key])
     elif spec.saves(theirs.rsplit('.', 1)[0]) and ours.rsplit('.', 1)[0] not in mm.kind:
-      problems.add('unknown module', f'{file_key!r} belongs to modules_to_save module {ours.rsplit(".", 1)[0]!r}, a '
-                   f'module that the flax model lacks ({model_name} has no such layer). Fix: load the adapter onto '
-                   'the model class it was made for.')
+      problems.add(
+        'unknown module',
+        f'{file_key!r} belongs to modules_to_save module {ours.rsplit(".", 1)[0]!r}, a '
+        f'module that the flax model lacks ({model_name} has no such layer). Fix: load the adapter onto '
+        'the model class it was made for.',
+      )
     else:
-      problems.add('unexpected key', f'{file_key!r} is neither a LoRA/IA3 tensor of a targeted module nor part of '
-                   f'a modules_to_save module (modules_to_save={spec.raw.get("modules_to_save")!r}).')
+      problems.add(
+        'unexpected key',
+        f'{file_key!r} is neither a LoRA/IA3 tensor of a targeted module nor part of '
+        f'a modules_to_save module (modules_to_save={spec.raw.get("modules_to_save")!r}).',
+      )
   return found, saved_tensors, saved, targeted, their_name
 
 
@@ -567,9 +650,13 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, prob
       # PEFT refuses to adapt anything else, so a container it matched never holds tensors.
       if name in found or kind != 'container':
         what = {'embedding': 'an embedding', 'norm': 'a norm layer', 'container': 'a container of layers'}.get(
-            kind, f'a {kind} layer')
-        problems.add('unsupported', f'target_modules selects {theirs!r}, {what}; {spec.peft_type} here adapts '
-                     'Linear and Conv1D layers only. Fix: narrow target_modules to the linear layers.')
+          kind, f'a {kind} layer'
+        )
+        problems.add(
+          'unsupported',
+          f'target_modules selects {theirs!r}, {what}; {spec.peft_type} here adapts '
+          'Linear and Conv1D layers only. Fix: narrow target_modules to the linear layers.',
+        )
       continue
     fpath = mm.flax[name]
     w_in, w_out = shapes[fpath + ('kernel',)].shape
@@ -586,20 +673,30 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, prob
     ok = True
     for suffix, shape in want.items():
       if suffix not in have:
-        problems.add('missing key', f'{PREFIX + theirs + "." + suffix!r} (shape {_shape(shape)}) is not in the file, '
-                     f'but target_modules selects {theirs!r}. Fix: the adapter_config.json does not describe these weights.')
+        problems.add(
+          'missing key',
+          f'{PREFIX + theirs + "." + suffix!r} (shape {_shape(shape)}) is not in the file, '
+          f'but target_modules selects {theirs!r}. Fix: the adapter_config.json does not describe these weights.',
+        )
         ok = False
       elif tuple(have[suffix][1].shape) != shape:
-        problems.add('wrong shape', f'{have[suffix][0]!r} has shape {_shape(have[suffix][1].shape)}, expected '
-                     f'{_shape(shape)}{hint}. Fix: check r/rank_pattern/feedforward_modules, and that the base '
-                     'model config matches the one the adapter was trained on.')
+        problems.add(
+          'wrong shape',
+          f'{have[suffix][0]!r} has shape {_shape(have[suffix][1].shape)}, expected '
+          f'{_shape(shape)}{hint}. Fix: check r/rank_pattern/feedforward_modules, and that the base '
+          'model config matches the one the adapter was trained on.',
+        )
         ok = False
     if not ok:
       continue
     if spec.peft_type == 'LORA':
       # lora_dropout acts in training only: on when apply gets rngs={'adapter_dropout': key}.
-      methods[fpath] = LoRA(rank=r, alpha=_number(alpha), use_rslora=bool(spec.raw.get('use_rslora', False)),
-                            dropout=float(spec.raw.get('lora_dropout') or 0.0))
+      methods[fpath] = LoRA(
+        rank=r,
+        alpha=_number(alpha),
+        use_rslora=bool(spec.raw.get('use_rslora', False)),
+        dropout=float(spec.raw.get('lora_dropout') or 0.0),
+      )
       # PEFT keeps both factors Linear-shaped, also on Conv1D: A [r, in], B [out, r].
       values[fpath] = {'lora_a': have['lora_A.weight'][1].T, 'lora_b': have['lora_B.weight'][1].T}
     else:
@@ -615,15 +712,23 @@ def _saved_values(mm: ModuleMap, saved, saved_tensors, their_name, shapes, famil
   flax_paths = []
   for name in saved:
     theirs = their_name(name)
-    if mm.kind.get(name) == 'tied' or (mm.tied_embedding and (mm.tied_embedding == name or mm.tied_embedding.startswith(name + '.'))):
-      problems.add('unsupported', f'modules_to_save selects {theirs!r}, which the torch model ties to '
-                   f'{"the input embedding" if mm.kind.get(name) == "tied" else "its LM head"}; PEFT trains an untied '
-                   'copy, which this flax model (one shared matrix) cannot hold. Fix: set tie_word_embeddings=False '
-                   'in the base model, or do not train that module.')
+    if mm.kind.get(name) == 'tied' or (
+      mm.tied_embedding and (mm.tied_embedding == name or mm.tied_embedding.startswith(name + '.'))
+    ):
+      problems.add(
+        'unsupported',
+        f'modules_to_save selects {theirs!r}, which the torch model ties to '
+        f'{"the input embedding" if mm.kind.get(name) == "tied" else "its LM head"}; PEFT trains an untied '
+        'copy, which this flax model (one shared matrix) cannot hold. Fix: set tie_word_embeddings=False '
+        'in the base model, or do not train that module.',
+      )
       continue
     if name not in mm.flax:
-      problems.add('unknown module', f'modules_to_save selects {theirs!r}, whose parameters do not map to one flax '
-                   'module. Fix: name a whole layer in modules_to_save.')
+      problems.add(
+        'unknown module',
+        f'modules_to_save selects {theirs!r}, whose parameters do not map to one flax '
+        'module. Fix: name a whole layer in modules_to_save.',
+      )
       continue
     flax_paths.append(mm.flax[name])
     for m in mm.params[name]:
@@ -634,14 +739,20 @@ def _saved_values(mm: ModuleMap, saved, saved_tensors, their_name, shapes, famil
       array = saved_tensors.pop(m.torch_key)[1]
       want = shapes[m.flax_path].shape
       if m.layout.flax_shape(array.shape) != tuple(want):
-        problems.add('wrong shape', f'{key!r} has shape {_shape(array.shape)}, but flax {"/".join(m.flax_path)} '
-                     f'expects {_shape(want)}{" after transposing" if m.layout is Layout.TRANSPOSE else ""}. '
-                     'Fix: the base model config does not match the one the adapter was trained on.')
+        problems.add(
+          'wrong shape',
+          f'{key!r} has shape {_shape(array.shape)}, but flax {"/".join(m.flax_path)} '
+          f'expects {_shape(want)}{" after transposing" if m.layout is Layout.TRANSPOSE else ""}. '
+          'Fix: the base model config does not match the one the adapter was trained on.',
+        )
         continue
       updates[m.flax_path] = m.layout.to_flax(array)
   for file_key, array in saved_tensors.values():
-    problems.add('unexpected key', f'{file_key!r} (shape {_shape(array.shape)}) is not a parameter of the '
-                 f'modules_to_save module in {family.model_class.__name__}.')
+    problems.add(
+      'unexpected key',
+      f'{file_key!r} (shape {_shape(array.shape)}) is not a parameter of the '
+      f'modules_to_save module in {family.model_class.__name__}.',
+    )
   return updates, flax_paths
 
 
@@ -658,14 +769,14 @@ def _most_common(values):
 
 
 def export_peft(
-    adapter_dir: str | os.PathLike,
-    model: AdaptedModel,
-    params,
-    *,
-    family: str | Family | None = None,
-    config: Any = None,
-    base_model_name_or_path: str | None = None,
-    task_type: str | None = _DEFAULT,
+  adapter_dir: str | os.PathLike,
+  model: AdaptedModel,
+  params,
+  *,
+  family: str | Family | None = None,
+  config: Any = None,
+  base_model_name_or_path: str | None = None,
+  task_type: str | None = _DEFAULT,
 ) -> dict[str, Any]:
   """Write the adapters of `model` as a PEFT directory that `PeftModel.from_pretrained` loads.
 
@@ -695,7 +806,9 @@ def export_peft(
       tied embeddings, full fine-tuning).
   """
   if not isinstance(model, AdaptedModel):
-    raise TypeError(f'`model` must be an AdaptedModel (from import_peft, adapt or prepare_for_transfer), found {type(model).__name__}.')
+    raise TypeError(
+      f'`model` must be an AdaptedModel (from import_peft, adapt or prepare_for_transfer), found {type(model).__name__}.'
+    )
   family, config = _resolve_family(family, config, model.base)
   check_adapter_leaves(params, model)
   mm = module_map(family, config)
@@ -705,23 +818,32 @@ def export_peft(
   for e in model.plan:
     for m in e.methods:
       if m.name == 'houlsby':
-        raise fail(f'{paths_lib.dotted(e.site.path)} has a houlsby adapter, which PEFT\'s LoRA/IA3 formats cannot '
-                   'hold (a bottleneck on a module\'s output is not a weight-space adapter)',
-                   'keep it as a flax adapter checkpoint (save_adapters); it cannot be merged into the weights either')
+        raise fail(
+          f"{paths_lib.dotted(e.site.path)} has a houlsby adapter, which PEFT's LoRA/IA3 formats cannot "
+          "hold (a bottleneck on a module's output is not a weight-space adapter)",
+          'keep it as a flax adapter checkpoint (save_adapters); it cannot be merged into the weights either',
+        )
       if m.name == 'locon':
-        raise fail(f'{paths_lib.dotted(e.site.path)} has a locon adapter, and {family.hf_class_name} has no conv '
-                   'layer that PEFT\'s conv LoRA could carry it on', 'export_merged folds it into the base weights')
+        raise fail(
+          f'{paths_lib.dotted(e.site.path)} has a locon adapter, and {family.hf_class_name} has no conv '
+          "layer that PEFT's conv LoRA could carry it on",
+          'export_merged folds it into the base weights',
+        )
   kinds = {('lora' if 'lora' in n else 'ia3') for n in names.values()}
   if len(kinds) > 1:
-    raise fail('it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type',
-               'export two models (one with the LoRA sites, one with the IA3 sites), or export_merged')
+    raise fail(
+      'it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type',
+      'export two models (one with the LoRA sites, one with the IA3 sites), or export_merged',
+    )
   if not model.plan:
     raise fail('the model has no adapters', 'export the base with save_pretrained, or add adapters')
   peft_type = 'LORA' if kinds == {'lora'} else 'IA3'
   for path, n in names.items():
     if n == {'ia3', 'ia3_ff'}:
-      raise fail(f'{paths_lib.dotted(path)} has both IA3 and IA3_FF, but PEFT keeps one ia3_l per module',
-                 'keep one of the two on that layer, or export_merged')
+      raise fail(
+        f'{paths_lib.dotted(path)} has both IA3 and IA3_FF, but PEFT keeps one ia3_l per module',
+        'keep one of the two on that layer, or export_merged',
+      )
 
   trainable = model.trainable
   if trainable.everything:
@@ -733,36 +855,45 @@ def export_peft(
   for e in model.plan:
     torch_name = mm.torch.get(e.site.path)
     if torch_name is None or mm.kind.get(torch_name) not in ('linear', 'conv1d'):
-      raise fail(f'{paths_lib.dotted(e.site.path)} is not a Linear/Conv1D layer of {family.hf_class_name}',
-                 'adapt only the linear layers the family table maps')
+      raise fail(
+        f'{paths_lib.dotted(e.site.path)} is not a Linear/Conv1D layer of {family.hf_class_name}',
+        'adapt only the linear layers the family table maps',
+      )
     targets[torch_name] = e.site.path
   saved: dict[str, tuple[str, ...]] = {}
   for path in trainable.norms + trainable.others:
     torch_name = mm.torch.get(tuple(path))
     flax_leaves = {k for k in traverse_util.flatten_dict(get_subtree(params, path)) if k[-1] not in LEAF_NAMES}
-    mapped = {m.flax_path[len(path):] for m in mm.params.get(torch_name, ())} if torch_name else set()
+    mapped = {m.flax_path[len(path) :] for m in mm.params.get(torch_name, ())} if torch_name else set()
     if torch_name is None or flax_leaves != mapped:
-      raise fail(f'{paths_lib.dotted(path)} trains whole but is not one module of {family.hf_class_name}',
-                 'train whole layers only (modules_to_save names a layer), or export_merged')
+      raise fail(
+        f'{paths_lib.dotted(path)} trains whole but is not one module of {family.hf_class_name}',
+        'train whole layers only (modules_to_save names a layer), or export_merged',
+      )
     if torch_name in targets or any(t.startswith(torch_name + '.') for t in targets):
-      raise fail(f'{torch_name} both trains whole and carries an adapter; PEFT never adapts a modules_to_save module',
-                 'drop it from modules_to_save, or export_merged')
+      raise fail(
+        f'{torch_name} both trains whole and carries an adapter; PEFT never adapts a modules_to_save module',
+        'drop it from modules_to_save, or export_merged',
+      )
     if mm.tied_embedding and (mm.tied_embedding == torch_name or mm.tied_embedding.startswith(torch_name + '.')):
-      raise fail(f'{torch_name} trains whole, but {family.hf_class_name} ties it to its LM head and PEFT would '
-                 'train an untied copy', 'export_merged')
+      raise fail(
+        f'{torch_name} trains whole, but {family.hf_class_name} ties it to its LM head and PEFT would '
+        'train an untied copy',
+        'export_merged',
+      )
     saved[torch_name] = tuple(path)
 
   state: dict[str, np.ndarray] = {}
   cfg: dict[str, Any] = {
-      'peft_type': peft_type,
-      'task_type': DEFAULT_TASK_TYPES.get(family.name) if task_type is _DEFAULT else task_type,
-      'base_model_name_or_path': base_model_name_or_path,
-      'revision': None,
-      'inference_mode': True,
-      'target_modules': sorted(targets),
-      'exclude_modules': None,
-      'fan_in_fan_out': any(mm.kind[t] == 'conv1d' for t in targets),
-      'modules_to_save': sorted(saved) or None,
+    'peft_type': peft_type,
+    'task_type': DEFAULT_TASK_TYPES.get(family.name) if task_type is _DEFAULT else task_type,
+    'base_model_name_or_path': base_model_name_or_path,
+    'revision': None,
+    'inference_mode': True,
+    'target_modules': sorted(targets),
+    'exclude_modules': None,
+    'fan_in_fan_out': any(mm.kind[t] == 'conv1d' for t in targets),
+    'modules_to_save': sorted(saved) or None,
   }
   by_path = {e.site.path: e for e in model.plan}
   if peft_type == 'LORA':
@@ -773,13 +904,22 @@ def export_peft(
     alphas = {t: (m.alpha if m.use_rslora == use_rslora else m.scale * m.rank) for t, m in loras.items()}
     r = _most_common([m.rank for m in loras.values()])
     alpha = _most_common(list(alphas.values()))
-    cfg.update({
-        'r': int(r), 'lora_alpha': _number(alpha), 'use_rslora': use_rslora,
+    cfg.update(
+      {
+        'r': int(r),
+        'lora_alpha': _number(alpha),
+        'use_rslora': use_rslora,
         'rank_pattern': {t: int(m.rank) for t, m in loras.items() if m.rank != r},
         'alpha_pattern': {t: _number(a) for t, a in alphas.items() if a != alpha},
-        'lora_dropout': max(m.dropout for m in loras.values()), 'bias': 'none', 'init_lora_weights': True, 'use_dora': False, 'lora_bias': False,
-        'layers_to_transform': None, 'layers_pattern': None,
-    })
+        'lora_dropout': max(m.dropout for m in loras.values()),
+        'bias': 'none',
+        'init_lora_weights': True,
+        'use_dora': False,
+        'lora_bias': False,
+        'layers_to_transform': None,
+        'layers_pattern': None,
+      }
+    )
     for t, path in targets.items():
       leaves = get_subtree(params, path)
       a = to_numpy(leaves['lora_a']).astype(np.float32)
@@ -797,7 +937,7 @@ def export_peft(
       else:
         state[f'{PREFIX}{t}.ia3_l'] = to_numpy(leaves['ia3_scale']).astype(np.float32).reshape(-1, 1)
   flat = traverse_util.flatten_dict(params)
-  for torch_name, path in saved.items():
+  for torch_name in saved:
     for m in mm.params[torch_name]:
       state[f'{PREFIX}{m.torch_key}'] = m.layout.to_torch(to_numpy(flat[m.flax_path]))
 
@@ -837,19 +977,17 @@ def _check_written(cfg, mm: ModuleMap, targets, saved, peft_type, names, by_path
     raise RuntimeError('export_peft built a config that PEFT would read differently (a bug): ' + '; '.join(wrong))
 
 
-
-
 # -- merged weights --------------------------------------------------------------------------
 
 
 def export_merged(
-    out_dir: str | os.PathLike,
-    model: AdaptedModel,
-    params,
-    *,
-    family: str | Family | None = None,
-    config: Any = None,
-    dtype: str | None = None,
+  out_dir: str | os.PathLike,
+  model: AdaptedModel,
+  params,
+  *,
+  family: str | Family | None = None,
+  config: Any = None,
+  dtype: str | None = None,
 ) -> None:
   """Fold every adapter into its kernel and write an HF model directory (`config.json` + safetensors).
 
@@ -865,9 +1003,11 @@ def export_merged(
   served, merged = merge_adapters(model, params)
   if isinstance(served, AdaptedModel):
     left = {paths_lib.dotted(e.site.path): [m.name for m in e.methods] for e in served.plan}
-    raise ValueError(f'export_merged: adapters {left} cannot be folded into the base weights, so no plain '
-                     f'{family.hf_class_name} checkpoint can hold them. Fix: keep the flax adapter checkpoint '
-                     '(save_adapters) for these.')
+    raise ValueError(
+      f'export_merged: adapters {left} cannot be folded into the base weights, so no plain '
+      f'{family.hf_class_name} checkpoint can hold them. Fix: keep the flax adapter checkpoint '
+      '(save_adapters) for these.'
+    )
   save_pretrained(out_dir, merged, config, dtype=dtype)
 
 

@@ -25,12 +25,12 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_pretrained(
-    model_dir: str | os.PathLike,
-    *,
-    dtype: Any = jnp.float32,
-    param_dtype: Any = jnp.float32,
-    ignore: tuple[str, ...] = (),
-    **config_overrides: Any,
+  model_dir: str | os.PathLike,
+  *,
+  dtype: Any = jnp.float32,
+  param_dtype: Any = jnp.float32,
+  ignore: tuple[str, ...] = (),
+  **config_overrides: Any,
 ):
   """Load an HF model directory as `(flax_model, params, config)`.
 
@@ -51,8 +51,7 @@ def load_pretrained(
   hf = read_hf_config(model_dir)
   family = get_family(hf['model_type'])
   config = family.config_from_hf(hf, **config_overrides)
-  params = family.torch_to_flax(
-      load_state_dict(model_dir), config, param_dtype=param_dtype, ignore=ignore)
+  params = family.torch_to_flax(load_state_dict(model_dir), config, param_dtype=param_dtype, ignore=ignore)
   return family.flax_model(config, dtype=dtype, param_dtype=param_dtype), params, config
 
 
@@ -65,11 +64,11 @@ def family_of(config: Any) -> Family:
 
 
 def save_pretrained(
-    model_dir: str | os.PathLike,
-    params: Mapping[str, Any],
-    config: Any,
-    *,
-    dtype: str | None = None,
+  model_dir: str | os.PathLike,
+  params: Mapping[str, Any],
+  config: Any,
+  *,
+  dtype: str | None = None,
 ) -> None:
   """Write `config.json` + `model.safetensors` that `transformers`' `from_pretrained` loads.
 

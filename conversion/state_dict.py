@@ -18,8 +18,12 @@ import numpy as np
 SAFETENSORS_SUFFIXES = ('.safetensors',)
 PICKLE_SUFFIXES = ('.bin', '.pt', '.pth')
 # What `from_pretrained` looks for in a model directory, in its order of preference.
-DIRECTORY_FILES = ('model.safetensors', 'model.safetensors.index.json',
-                   'pytorch_model.bin', 'pytorch_model.bin.index.json')
+DIRECTORY_FILES = (
+  'model.safetensors',
+  'model.safetensors.index.json',
+  'pytorch_model.bin',
+  'pytorch_model.bin.index.json',
+)
 
 
 def to_numpy(value: Any, *, key: str = '?') -> np.ndarray:
@@ -34,6 +38,7 @@ def to_numpy(value: Any, *, key: str = '?') -> np.ndarray:
     array = value
   elif type(value).__module__.startswith('torch'):
     import torch
+
     tensor = value.detach().cpu()
     if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
       tensor = tensor.float()  # bfloat16 and the float8 types have no numpy dtype
@@ -42,8 +47,8 @@ def to_numpy(value: Any, *, key: str = '?') -> np.ndarray:
     array = np.asarray(value)
   else:
     raise TypeError(
-        f'state_dict[{key!r}] must be a torch.Tensor, jax.Array or numpy.ndarray, '
-        f'got {type(value).__name__}.')
+      f'state_dict[{key!r}] must be a torch.Tensor, jax.Array or numpy.ndarray, got {type(value).__name__}.'
+    )
   if array.dtype.kind == 'V' or array.dtype.name.startswith(('bfloat16', 'float8')):
     array = array.astype(np.float32)  # ml_dtypes arrays (e.g. from a bfloat16 jax.Array)
   return array
@@ -59,22 +64,25 @@ def _check_path(path: str | os.PathLike, argument: str) -> str:
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
   # Through torch, because safetensors' numpy reader cannot represent bfloat16.
   from safetensors.torch import load_file
+
   return {k: to_numpy(v, key=k) for k, v in load_file(path, device='cpu').items()}
 
 
 def _load_pickle(path: str) -> dict[str, np.ndarray]:
   import torch
+
   try:
     loaded = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises UnpicklingError for anything but plain data
     raise ValueError(
-        f'{path!r} could not be loaded with torch.load(weights_only=True) ({e}). Only plain tensor '
-        'state dicts are read; re-save the checkpoint as safetensors or as model.state_dict().'
+      f'{path!r} could not be loaded with torch.load(weights_only=True) ({e}). Only plain tensor '
+      'state dicts are read; re-save the checkpoint as safetensors or as model.state_dict().'
     ) from e
   if not isinstance(loaded, Mapping) or not all(isinstance(k, str) for k in loaded):
     raise TypeError(
-        f'{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}}; if it wraps one '
-        "(e.g. under 'state_dict' or 'model'), load it yourself and pass that mapping.")
+      f'{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}}; if it wraps one '
+      "(e.g. under 'state_dict' or 'model'), load it yourself and pass that mapping."
+    )
   return {k: to_numpy(v, key=k) for k, v in loaded.items()}
 
 
@@ -106,8 +114,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       candidate = os.path.join(path, name)
       if os.path.exists(candidate):
         return load_state_dict(candidate)
-    raise FileNotFoundError(
-        f'path={path!r} is a directory without a checkpoint; expected one of {DIRECTORY_FILES}.')
+    raise FileNotFoundError(f'path={path!r} is a directory without a checkpoint; expected one of {DIRECTORY_FILES}.')
   if path.endswith('.index.json'):
     return _load_index(path)
   if path.endswith(SAFETENSORS_SUFFIXES):
@@ -115,16 +122,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if path.endswith(PICKLE_SUFFIXES):
     return _load_pickle(path)
   raise ValueError(
-      f'path={path!r} has an unknown checkpoint suffix; expected {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES} '
-      'or a sharded *.index.json.')
+    f'path={path!r} has an unknown checkpoint suffix; expected {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES} '
+    'or a sharded *.index.json.'
+  )
 
 
 def save_safetensors(
-    state_dict: Mapping[str, Any],
-    path: str | os.PathLike,
-    *,
-    dtype: str | None = None,
-    metadata: Mapping[str, str] | None = None,
+  state_dict: Mapping[str, Any],
+  path: str | os.PathLike,
+  *,
+  dtype: str | None = None,
+  metadata: Mapping[str, str] | None = None,
 ) -> None:
   """Write `{key: array}` as a safetensors file that `transformers` reads.
 
@@ -142,16 +150,17 @@ def save_safetensors(
     # numpy cannot hold bfloat16; torch rounds to it exactly as torch's `.to(bfloat16)` does.
     import torch
     from safetensors.torch import save_file
+
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     tensors = {k: (t.to(torch.bfloat16) if t.is_floating_point() else t.clone()) for k, t in tensors.items()}
     save_file(tensors, os.fspath(path), metadata=meta)
     return
   from safetensors.numpy import save_file
+
   if dtype is not None:
     try:
       target = np.dtype(dtype)
     except TypeError:
-      raise ValueError(
-          f"dtype={dtype!r} is not a dtype name; use 'float32', 'float16', 'bfloat16' or None.") from None
+      raise ValueError(f"dtype={dtype!r} is not a dtype name; use 'float32', 'float16', 'bfloat16' or None.") from None
     arrays = {k: (v.astype(target) if v.dtype.kind == 'f' else v) for k, v in arrays.items()}
   save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.fspath(path), metadata=meta)

@@ -59,13 +59,16 @@ def plan_to_json(model: AdaptedModel) -> list[dict[str, Any]]:
 
 
 def trainable_to_json(trainable: Trainable) -> dict[str, Any]:
-  return {'everything': trainable.everything,
-          **{f: [list(p) for p in getattr(trainable, f)] for f in ('heads', 'norms', 'others')}}
+  return {
+    'everything': trainable.everything,
+    **{f: [list(p) for p in getattr(trainable, f)] for f in ('heads', 'norms', 'others')},
+  }
 
 
 def trainable_from_json(data: dict[str, Any]) -> Trainable:
-  return Trainable(everything=data['everything'],
-                   **{f: tuple(tuple(p) for p in data[f]) for f in ('heads', 'norms', 'others')})
+  return Trainable(
+    everything=data['everything'], **{f: tuple(tuple(p) for p in data[f]) for f in ('heads', 'norms', 'others')}
+  )
 
 
 # -- fingerprint of the base -----------------------------------------------------------------
@@ -83,15 +86,15 @@ def base_fingerprint(model: AdaptedModel, params) -> dict[str, Any]:
   mask = traverse_util.flatten_dict(trainable_mask(model, params))
   flat = traverse_util.flatten_dict(params)
   structure = sorted(
-      ('/'.join(k), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
-      for k, v in flat.items()
-      if k[-1] not in methods_lib.LEAF_NAMES
+    ('/'.join(k), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
+    for k, v in flat.items()
+    if k[-1] not in methods_lib.LEAF_NAMES
   )
   values = {'/'.join(k): _digest(v) for k, v in sorted(flat.items()) if not mask[k]}
   return {
-      'structure_sha256': hashlib.sha256(repr(structure).encode()).hexdigest(),
-      'structure': [list(s[:1]) + [list(s[1]), s[2]] for s in structure],
-      'frozen_values': values,
+    'structure_sha256': hashlib.sha256(repr(structure).encode()).hexdigest(),
+    'structure': [list(s[:1]) + [list(s[1]), s[2]] for s in structure],
+    'frozen_values': values,
   }
 
 
@@ -99,19 +102,23 @@ def _compare_fingerprints(saved, current, directory) -> None:
   if saved['structure_sha256'] != current['structure_sha256']:
     before = {s[0]: (tuple(s[1]), s[2]) for s in saved['structure']}
     now = {s[0]: (tuple(s[1]), s[2]) for s in current['structure']}
-    diffs = [f'{k}: saved {before.get(k)}, now {now.get(k)}' for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+    diffs = [
+      f'{k}: saved {before.get(k)}, now {now.get(k)}'
+      for k in sorted(set(before) | set(now))
+      if before.get(k) != now.get(k)
+    ]
     raise ValueError(
-        f'the adapter checkpoint at {directory!r} was trained on a different base model: '
-        f'{len(diffs)} leaves differ ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}). '
-        'Load it onto the base it was trained on, prepared with the saved config.'
+      f'the adapter checkpoint at {directory!r} was trained on a different base model: '
+      f'{len(diffs)} leaves differ ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}). '
+      'Load it onto the base it was trained on, prepared with the saved config.'
     )
   for key, digest in saved['frozen_values'].items():
     now = current['frozen_values'].get(key)
     if now is None or not np.allclose(digest, now, rtol=1e-6, atol=1e-6):
       raise ValueError(
-          f'the adapter checkpoint at {directory!r} was trained on different base weights: the frozen '
-          f'leaf {key!r} does not match (saved digest {digest}, now {now}). Same architecture, other '
-          'pretrained values: load the base checkpoint the adapters were trained on.'
+        f'the adapter checkpoint at {directory!r} was trained on different base weights: the frozen '
+        f'leaf {key!r} does not match (saved digest {digest}, now {now}). Same architecture, other '
+        'pretrained values: load the base checkpoint the adapters were trained on.'
       )
 
 
@@ -147,16 +154,17 @@ def save_adapters(directory: str | os.PathLike, model: AdaptedModel, params, *, 
   if os.path.exists(directory) and not overwrite:
     raise FileExistsError(f'`directory` {directory!r} exists; pass overwrite=True to replace it.')
   meta = {
-      'format': FORMAT,
-      'config': config_to_json(model.config) if model.config is not None else None,
-      'plan': plan_to_json(model),
-      'trainable': trainable_to_json(model.trainable),
-      'base': base_fingerprint(model, params),
+    'format': FORMAT,
+    'config': config_to_json(model.config) if model.config is not None else None,
+    'plan': plan_to_json(model),
+    'trainable': trainable_to_json(model.trainable),
+    'base': base_fingerprint(model, params),
   }
   tree = trained_leaves(model, params)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-    ckptr.save(directory, ocp.args.Composite(params=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-               force=overwrite)
+    ckptr.save(
+      directory, ocp.args.Composite(params=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=overwrite
+    )
   return directory
 
 
@@ -164,8 +172,15 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
   """The checkpoint's JSON metadata (config, plan, base fingerprint)."""
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
-    partial = [n for n in os.listdir(os.path.dirname(directory)) if n.startswith(os.path.basename(directory) + '.orbax-checkpoint-tmp')] \
-        if os.path.isdir(os.path.dirname(directory)) else []
+    partial = (
+      [
+        n
+        for n in os.listdir(os.path.dirname(directory))
+        if n.startswith(os.path.basename(directory) + '.orbax-checkpoint-tmp')
+      ]
+      if os.path.isdir(os.path.dirname(directory))
+      else []
+    )
     hint = ' (only an unfinished save was found there: it was interrupted and cannot be loaded)' if partial else ''
     raise FileNotFoundError(f'no adapter checkpoint at {directory!r}{hint}.')
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
@@ -188,8 +203,8 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
     saved = {'.'.join(e['path']): [m['method'] for m in e['methods']] for e in meta['plan']}
     now = {'.'.join(e['path']): [m['method'] for m in e['methods']] for e in plan_to_json(model)}
     raise ValueError(
-        f'the adapters in {directory!r} do not fit this model: saved plan {saved} vs this model {now}. '
-        'Prepare the model with the saved config: TransferConfig(**read_meta(directory)["config"]).'
+      f'the adapters in {directory!r} do not fit this model: saved plan {saved} vs this model {now}. '
+      'Prepare the model with the saved config: TransferConfig(**read_meta(directory)["config"]).'
     )
   _compare_fingerprints(meta['base'], base_fingerprint(model, params), directory)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trained_leaves(model, params))
@@ -212,8 +227,9 @@ def restore_transfer(directory: str | os.PathLike, model, params, *example_args,
 
   meta = read_meta(directory)
   if meta['config'] is not None:
-    adapted, prepared = prepare_for_transfer(model, params, config_from_json(meta['config']), *example_args,
-                                             **example_kwargs)
+    adapted, prepared = prepare_for_transfer(
+      model, params, config_from_json(meta['config']), *example_args, **example_kwargs
+    )
   else:
     exact = lambda path: re.compile(re.escape(paths_lib.dotted(path)))
     adapters = {exact(tuple(e['path'])): [methods_lib.from_json(m) for m in e['methods']] for e in meta['plan']}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 ADAPTER_MODES = ('lora', 'locon', 'ia3', 'houlsby')
 MODES = ('linear', 'full') + ADAPTER_MODES
@@ -19,7 +19,7 @@ HOULSBY_INITS = ('zero_up', 'alphagenome')
 HOULSBY_ACTIVATIONS = ('relu', 'gelu', 'silu', 'tanh')
 
 # A target is a substring of a dotted module path, or a regex (`'re:...'` or a compiled pattern).
-Target = Union[str, re.Pattern]
+Target = str | re.Pattern
 
 
 def _as_tuple(value: Any, name: str) -> tuple:
@@ -38,8 +38,8 @@ def _check_targets(targets: tuple, name: str) -> None:
       continue
     if not isinstance(t, str) or not t:
       raise TypeError(
-          f'`{name}` entries must be non-empty strings (substrings of module paths such as '
-          f"'q_proj'), 're:<regex>' strings or compiled regexes; found {t!r}."
+        f'`{name}` entries must be non-empty strings (substrings of module paths such as '
+        f"'q_proj'), 're:<regex>' strings or compiled regexes; found {t!r}."
       )
     if t.startswith('re:'):
       try:
@@ -49,8 +49,8 @@ def _check_targets(targets: tuple, name: str) -> None:
   duplicates = {t for t in targets if targets.count(t) > 1}
   if duplicates:
     raise ValueError(
-        f'`{name}` lists {sorted(map(str, duplicates))} more than once; each target adds one adapter '
-        'per matched layer, so list each target once.'
+      f'`{name}` lists {sorted(map(str, duplicates))} more than once; each target adds one adapter '
+      'per matched layer, so list each target once.'
     )
 
 
@@ -137,19 +137,24 @@ class TransferConfig:
     for m in modes:
       if m not in MODES:
         raise ValueError(
-            f'`mode` {m!r} is unknown; expected one of {list(MODES)} or a list of them, e.g. '
-            "mode=['lora', 'locon']."
+          f"`mode` {m!r} is unknown; expected one of {list(MODES)} or a list of them, e.g. mode=['lora', 'locon']."
         )
     if len(set(modes)) != len(modes):
       raise ValueError(f'`mode` lists a mode twice: {list(modes)}. List each mode once.')
     if 'full' in modes and len(modes) > 1:
       raise ValueError(
-          f"`mode` 'full' trains every weight and cannot be combined with other modes; found "
-          f"{list(modes)}. Use mode='full' alone, or drop 'full' to train adapters on a frozen trunk."
+        f"`mode` 'full' trains every weight and cannot be combined with other modes; found "
+        f"{list(modes)}. Use mode='full' alone, or drop 'full' to train adapters on a frozen trunk."
       )
     object.__setattr__(self, 'modes', modes)
-    for name in ('lora_targets', 'locon_targets', 'ia3_targets', 'ia3_ff_targets', 'houlsby_targets',
-                 'modules_to_save'):
+    for name in (
+      'lora_targets',
+      'locon_targets',
+      'ia3_targets',
+      'ia3_ff_targets',
+      'houlsby_targets',
+      'modules_to_save',
+    ):
       targets = _as_tuple(getattr(self, name), name)
       _check_targets(targets, name)
       object.__setattr__(self, name, targets)
@@ -157,13 +162,16 @@ class TransferConfig:
       _check_positive_int(getattr(self, name), name)
     for name in ('lora_alpha', 'locon_alpha'):
       _check_positive_number(getattr(self, name), name)
-    if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-        or not 0 <= self.lora_dropout < 1:
+    if (
+      isinstance(self.lora_dropout, bool)
+      or not isinstance(self.lora_dropout, (int, float))
+      or not 0 <= self.lora_dropout < 1
+    ):
       raise ValueError(f'`lora_dropout` must be a number in [0, 1), found {self.lora_dropout!r}.')
     if 'locon' in modes and not self.locon_targets:
       raise ValueError(
-          "`locon_targets` is empty but mode includes 'locon'; Locon needs the conv layers to "
-          "adapt, e.g. locon_targets=['down_blocks.4', 'down_blocks.5']."
+        "`locon_targets` is empty but mode includes 'locon'; Locon needs the conv layers to "
+        "adapt, e.g. locon_targets=['down_blocks.4', 'down_blocks.5']."
       )
     if 'lora' in modes and not self.lora_targets:
       raise ValueError("`lora_targets` is empty but mode includes 'lora'; name the layers, e.g. ['q_proj', 'v_proj'].")
@@ -173,15 +181,15 @@ class TransferConfig:
       raise ValueError("`houlsby_targets` is empty but mode includes 'houlsby'; e.g. ['mha', 'mlp'].")
     if self.houlsby_placement not in HOULSBY_PLACEMENTS:
       raise ValueError(
-          f'`houlsby_placement` must be one of {list(HOULSBY_PLACEMENTS)}, found '
-          f"{self.houlsby_placement!r}. 'block' wraps sub-blocks such as 'mha'/'mlp'; 'linear' "
-          'wraps individual linear layers.'
+        f'`houlsby_placement` must be one of {list(HOULSBY_PLACEMENTS)}, found '
+        f"{self.houlsby_placement!r}. 'block' wraps sub-blocks such as 'mha'/'mlp'; 'linear' "
+        'wraps individual linear layers.'
       )
     if self.houlsby_init not in HOULSBY_INITS:
       raise ValueError(f'`houlsby_init` must be one of {list(HOULSBY_INITS)}, found {self.houlsby_init!r}.')
     if self.houlsby_activation not in HOULSBY_ACTIVATIONS:
       raise ValueError(
-          f'`houlsby_activation` must be one of {list(HOULSBY_ACTIVATIONS)}, found {self.houlsby_activation!r}.'
+        f'`houlsby_activation` must be one of {list(HOULSBY_ACTIVATIONS)}, found {self.houlsby_activation!r}.'
       )
     if not isinstance(self.unfreeze_norm, bool):
       raise TypeError(f'`unfreeze_norm` must be a bool, found {self.unfreeze_norm!r}.')
@@ -195,27 +203,23 @@ class TransferConfig:
       object.__setattr__(self, 'keep_heads', keep)
       both = set(keep) & set(remove)
       if both:
-        raise ValueError(
-            f'`keep_heads` and `remove_heads` both name {sorted(both)}; give only one of them.'
-        )
+        raise ValueError(f'`keep_heads` and `remove_heads` both name {sorted(both)}; give only one of them.')
     if not isinstance(self.new_heads, Mapping):
       raise TypeError(
-          "`new_heads` must be a mapping like {'my_atac': {'modality': 'atac', 'num_tracks': 4}}, "
-          f'found {type(self.new_heads).__name__}.'
+        "`new_heads` must be a mapping like {'my_atac': {'modality': 'atac', 'num_tracks': 4}}, "
+        f'found {type(self.new_heads).__name__}.'
       )
     heads = {}
     for name, spec in self.new_heads.items():
       if not isinstance(name, str) or not name:
         raise TypeError(f'`new_heads` keys must be non-empty head names, found {name!r}.')
       if not isinstance(spec, Mapping):
-        raise TypeError(
-            f"`new_heads[{name!r}]` must be a mapping with 'modality' and 'num_tracks', found {spec!r}."
-        )
+        raise TypeError(f"`new_heads[{name!r}]` must be a mapping with 'modality' and 'num_tracks', found {spec!r}.")
       missing = [k for k in ('modality', 'num_tracks') if k not in spec]
       if missing:
         raise ValueError(
-            f'`new_heads[{name!r}]` lacks {missing}; a head spec needs both, e.g. '
-            f"{{'modality': 'atac', 'num_tracks': 4}}. Found {dict(spec)!r}."
+          f'`new_heads[{name!r}]` lacks {missing}; a head spec needs both, e.g. '
+          f"{{'modality': 'atac', 'num_tracks': 4}}. Found {dict(spec)!r}."
         )
       _check_positive_int(spec['num_tracks'], f'new_heads[{name!r}]["num_tracks"]')
       if not isinstance(spec['modality'], str) or not spec['modality']:

@@ -98,7 +98,7 @@ class AdaptedModel:
   def sites(self) -> Mapping[Path, SitePlan]:
     return self._by_path
 
-  def replace(self, **changes) -> 'AdaptedModel':
+  def replace(self, **changes) -> AdaptedModel:
     return dataclasses.replace(self, **changes)
 
   # -- forward ---------------------------------------------------------------------------------
@@ -111,10 +111,10 @@ class AdaptedModel:
     """
     if not isinstance(variables, Mapping) or 'params' not in variables:
       raise TypeError(
-          '`variables` must be a dict with a \'params\' collection, as for linen\'s apply: '
-          f"model.apply({{'params': params}}, x); found {type(variables).__name__}"
-          + (f' with keys {list(variables)}' if isinstance(variables, Mapping) else '')
-          + '.'
+        "`variables` must be a dict with a 'params' collection, as for linen's apply: "
+        f"model.apply({{'params': params}}, x); found {type(variables).__name__}"
+        + (f' with keys {list(variables)}' if isinstance(variables, Mapping) else '')
+        + '.'
       )
     check_adapter_leaves(variables['params'], self)
     with nn.intercept_methods(self._interceptor):
@@ -142,9 +142,7 @@ class AdaptedModel:
     call_args, call_kwargs = rebuild(x_in)
     y = next_fun(*call_args, **call_kwargs)
     if not isinstance(y, jax.Array):
-      raise TypeError(
-          f'{site.describe()} returned {type(y).__name__}; adapters on its output need a single array.'
-      )
+      raise TypeError(f'{site.describe()} returned {type(y).__name__}; adapters on its output need a single array.')
     call = site.contraction(x.ndim, y.ndim, kwargs)
     for m in entry.methods:
       if m.stage != 'input':
@@ -166,15 +164,15 @@ def check_adapter_leaves(params, model: AdaptedModel) -> None:
     extra = names - expected
     if extra:
       raise ValueError(
-          f'params at {paths_lib.dotted(path)!r} hold adapter leaves {sorted(extra)} that this model '
-          f'does not run (it expects {sorted(expected) or "none"} there), so they would be ignored. '
-          'Use the model returned with these params by prepare_for_transfer or load_adapters.'
+        f'params at {paths_lib.dotted(path)!r} hold adapter leaves {sorted(extra)} that this model '
+        f'does not run (it expects {sorted(expected) or "none"} there), so they would be ignored. '
+        'Use the model returned with these params by prepare_for_transfer or load_adapters.'
       )
   for path, entry in model.sites.items():
     missing = set(entry.leaf_names()) - found.get(path, set())
     if missing:
       raise ValueError(
-          f'params at {paths_lib.dotted(path)!r} lack the adapter leaves {sorted(missing)} that the '
-          'model applies there. Pass the params returned by prepare_for_transfer (or by '
-          'load_adapters/combine), not the base params.'
+        f'params at {paths_lib.dotted(path)!r} lack the adapter leaves {sorted(missing)} that the '
+        'model applies there. Pass the params returned by prepare_for_transfer (or by '
+        'load_adapters/combine), not the base params.'
       )

@@ -84,11 +84,14 @@ def materialize(params, model: AdaptedModel):
     module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))
     if remaining:
       raise ValueError(
-          f'materialize cannot fold {[m.name for m in remaining]} at {paths_lib.dotted(entry.site.path)!r} '
-          f'({entry.site.module_type}): '
-          + ('it is not a weight-space adapter' if any(m.name == 'houlsby' for m in remaining)
-             else 'the module recomputes its kernel (e.g. weight standardization), so a folded delta would be undone')
-          + '. Run the model with AdaptedModel.apply instead.'
+        f'materialize cannot fold {[m.name for m in remaining]} at {paths_lib.dotted(entry.site.path)!r} '
+        f'({entry.site.module_type}): '
+        + (
+          'it is not a weight-space adapter'
+          if any(m.name == 'houlsby' for m in remaining)
+          else 'the module recomputes its kernel (e.g. weight standardization), so a folded delta would be undone'
+        )
+        + '. Run the model with AdaptedModel.apply instead.'
       )
     params = set_subtree(params, entry.site.path, module_params)
   return params

@@ -11,7 +11,7 @@ params. Everything else is JAX's own SPMD machinery (`jax.jit` with shardings ov
 from __future__ import annotations
 
 import jax
-import optax  # noqa: F401  (type annotations)
+import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -77,7 +77,7 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
         out[site.path + (leaf,)] = P(*stacked, *(axes.get(c) for c in letters))
   missing = set(flat) - set(out)
   if missing:
-    raise ValueError(f'no spec for {sorted("/".join(k) for k in missing)[:4]}: they are not in the model\'s plan.')
+    raise ValueError(f"no spec for {sorted('/'.join(k) for k in missing)[:4]}: they are not in the model's plan.")
   return traverse_util.unflatten_dict(out)
 
 

@@ -26,7 +26,7 @@ from flax import traverse_util
 from flax_adapters import paths as paths_lib
 from flax_adapters.config import TransferConfig
 from flax_adapters.forward import AdaptedModel, SitePlan, Trainable
-from flax_adapters.methods import LEAF_NAMES, AdapterError, Houlsby, IA3, IA3FF, Locon, LoRA, sort_methods
+from flax_adapters.methods import IA3, IA3FF, LEAF_NAMES, AdapterError, Houlsby, Locon, LoRA, sort_methods
 from flax_adapters.methods.base import Method
 from flax_adapters.tracing import LINEAR_KINDS, Site, trace_model
 
@@ -56,26 +56,28 @@ def set_subtree(params: Mapping, path: Path, value) -> dict:
 def check_params_fit(params, abstract, *, argument: str = 'params') -> None:
   """Raise if `params` does not have the structure and shapes the model's init produces."""
   if not isinstance(params, Mapping):
-    raise TypeError(f'`{argument}` must be a nested dict of arrays (the model\'s params collection), found {type(params).__name__}.')
+    raise TypeError(
+      f"`{argument}` must be a nested dict of arrays (the model's params collection), found {type(params).__name__}."
+    )
   if 'params' in params and 'params' not in abstract:
     raise TypeError(
-        f"`{argument}` looks like a variables dict (it has a 'params' key); pass its params "
-        "collection: variables['params']."
+      f"`{argument}` looks like a variables dict (it has a 'params' key); pass its params "
+      "collection: variables['params']."
     )
   given = traverse_util.flatten_dict(params)
   expected = traverse_util.flatten_dict(abstract)
   adapters = sorted('/'.join(k) for k in given if k[-1] in LEAF_NAMES and k not in expected)
   if adapters:
     raise ValueError(
-        f'`{argument}` already holds adapter leaves ({", ".join(adapters[:4])}{", ..." if len(adapters) > 4 else ""}). '
-        'Start from the base params, or merge_adapters first.'
+      f'`{argument}` already holds adapter leaves ({", ".join(adapters[:4])}{", ..." if len(adapters) > 4 else ""}). '
+      'Start from the base params, or merge_adapters first.'
     )
   missing = sorted('/'.join(k) for k in expected if k not in given)
   unexpected = sorted('/'.join(k) for k in given if k not in expected)
   wrong = [
-      f'{"/".join(k)}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
-      for k in expected
-      if k in given and tuple(np.shape(given[k])) != tuple(expected[k].shape)
+    f'{"/".join(k)}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
+    for k in expected
+    if k in given and tuple(np.shape(given[k])) != tuple(expected[k].shape)
   ]
   if missing or unexpected or wrong:
     lines = []
@@ -86,8 +88,9 @@ def check_params_fit(params, abstract, *, argument: str = 'params') -> None:
     if wrong:
       lines.append(f'wrong shape {len(wrong)}: {"; ".join(wrong[:6])}{" ..." if len(wrong) > 6 else ""}')
     raise ValueError(
-        f'`{argument}` does not fit the model: ' + ' | '.join(lines)
-        + '. Pass the params this model was initialised or converted with (and the same config).'
+      f'`{argument}` does not fit the model: '
+      + ' | '.join(lines)
+      + '. Pass the params this model was initialised or converted with (and the same config).'
     )
 
 
@@ -104,7 +107,7 @@ def model_heads(model) -> dict[str, dict] | None:
   if isinstance(heads, Sequence) and all(isinstance(h, Sequence) and len(h) == 2 for h in heads):
     return {k: dict(v) for k, v in heads}
   raise TypeError(
-      f'{type(model).__name__}.heads must map head names to specs (a dict or (name, spec) pairs), found {heads!r}.'
+    f'{type(model).__name__}.heads must map head names to specs (a dict or (name, spec) pairs), found {heads!r}.'
   )
 
 
@@ -113,16 +116,15 @@ def swap_heads(model: nn.Module, config: TransferConfig):
   current = model_heads(model)
   if current is None:
     raise TypeError(
-        f'`remove_heads`/`keep_heads`/`new_heads` need a model with a `heads` field, but '
-        f'{type(model).__name__} has none. Follow the heads protocol (see flax_adapters.surgery), or '
-        'train your own output layer with `modules_to_save`.'
+      f'`remove_heads`/`keep_heads`/`new_heads` need a model with a `heads` field, but '
+      f'{type(model).__name__} has none. Follow the heads protocol (see flax_adapters.surgery), or '
+      'train your own output layer with `modules_to_save`.'
     )
   named = list(config.remove_heads) + list(config.keep_heads or ())
   unknown = [h for h in named if h not in current]
   if unknown:
     raise ValueError(
-        f'head(s) {unknown} named in `remove_heads`/`keep_heads` do not exist; the model has '
-        f'heads {list(current)}.'
+      f'head(s) {unknown} named in `remove_heads`/`keep_heads` do not exist; the model has heads {list(current)}.'
     )
   if config.keep_heads is not None:
     kept = [h for h in current if h in config.keep_heads]
@@ -131,8 +133,7 @@ def swap_heads(model: nn.Module, config: TransferConfig):
   clash = [h for h in config.new_heads if h in kept]
   if clash:
     raise ValueError(
-        f'`new_heads` {clash} already exist in the model; remove them first '
-        f'(remove_heads={clash}) or choose new names.'
+      f'`new_heads` {clash} already exist in the model; remove them first (remove_heads={clash}) or choose new names.'
     )
   specs = {h: current[h] for h in kept}
   specs.update(config.new_heads)
@@ -142,9 +143,7 @@ def swap_heads(model: nn.Module, config: TransferConfig):
 
 
 def _concrete(args):
-  return jax.tree.map(
-      lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, args
-  )
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, args)
 
 
 def _fresh_heads(model, names, rng, args, kwargs):
@@ -181,17 +180,30 @@ def _requests(config: TransferConfig):
   modes = config.adapter_modes
   out = []
   if 'lora' in modes:
-    out.append((LoRA(rank=config.lora_rank, alpha=config.lora_alpha, use_rslora=config.use_rslora,
-                     dropout=float(config.lora_dropout)),
-                config.lora_targets, 'lora_targets'))
+    out.append(
+      (
+        LoRA(
+          rank=config.lora_rank,
+          alpha=config.lora_alpha,
+          use_rslora=config.use_rslora,
+          dropout=float(config.lora_dropout),
+        ),
+        config.lora_targets,
+        'lora_targets',
+      )
+    )
   if 'locon' in modes:
     out.append((Locon(rank=config.locon_rank, alpha=config.locon_alpha), config.locon_targets, 'locon_targets'))
   if 'ia3' in modes:
     out.append((IA3(), config.ia3_targets, 'ia3_targets'))
     out.append((IA3FF(), config.ia3_ff_targets, 'ia3_ff_targets'))
   if 'houlsby' in modes:
-    method = Houlsby(latent_dim=config.houlsby_latent_dim, placement=config.houlsby_placement,
-                     activation=config.houlsby_activation, init_scheme=config.houlsby_init)
+    method = Houlsby(
+      latent_dim=config.houlsby_latent_dim,
+      placement=config.houlsby_placement,
+      activation=config.houlsby_activation,
+      init_scheme=config.houlsby_init,
+    )
     out.append((method, config.houlsby_targets, 'houlsby_targets'))
   return out
 
@@ -206,9 +218,9 @@ def select(sites: Mapping[Path, Site], target, argument: str, kinds=None, topmos
   matched = [p for p in sites if paths_lib.matches(target, p)]
   if not matched:
     raise ValueError(
-        f'`{argument}` entry {paths_lib.describe_target(target)!r} matches no module. Nearest module '
-        f'paths: {paths_lib.near_misses(target, sites)}. Targets are substrings of dotted paths '
-        "(linen's 'blocks_0' reads as 'blocks.0'), or 're:<regex>' matched against the whole path."
+      f'`{argument}` entry {paths_lib.describe_target(target)!r} matches no module. Nearest module '
+      f'paths: {paths_lib.near_misses(target, sites)}. Targets are substrings of dotted paths '
+      "(linen's 'blocks_0' reads as 'blocks.0'), or 're:<regex>' matched against the whole path."
     )
   if kinds is not None:
     matched = [p for p in matched if sites[p].kind in kinds]
@@ -237,9 +249,9 @@ def place_adapters(sites: Mapping[Path, Site], requests) -> dict[Path, list[Meth
         previous = placed.setdefault(path, {}).get(method.name)
         if previous is not None:
           raise ValueError(
-              f'{method.name} would be added twice to {paths_lib.dotted(path)}: both '
-              f'{paths_lib.describe_target(previous[1])!r} and {paths_lib.describe_target(target)!r} in '
-              f'`{argument}` match it. Each layer gets one adapter of each kind; make the targets disjoint.'
+            f'{method.name} would be added twice to {paths_lib.dotted(path)}: both '
+            f'{paths_lib.describe_target(previous[1])!r} and {paths_lib.describe_target(target)!r} in '
+            f'`{argument}` match it. Each layer gets one adapter of each kind; make the targets disjoint.'
           )
         placed[path][method.name] = (method, target)
   return {path: list(sort_methods(m for m, _ in entries.values())) for path, entries in placed.items()}
@@ -265,10 +277,10 @@ def stack_shape(path: Path, sites: Mapping[Path, Site], params) -> tuple[int, ..
       if node is None:
         continue
       full = tuple(np.shape(node))
-      if len(full) < len(shape) or full[len(full) - len(shape):] != shape:
+      if len(full) < len(shape) or full[len(full) - len(shape) :] != shape:
         raise AdapterError(
-            f'{sites[p].describe()}: its {name} is {full} in params but {shape} inside the module, and '
-            'the two differ by more than leading stacked axes.'
+          f'{sites[p].describe()}: its {name} is {full} in params but {shape} inside the module, and '
+          'the two differ by more than leading stacked axes.'
         )
       return full[: len(full) - len(shape)]
   return ()
@@ -314,9 +326,9 @@ def _trainable(config: TransferConfig, sites: Mapping[Path, Site], params, has_h
     norms = tuple(p for p, s in sites.items() if s.kind == 'norm' and s.leaves and p[:1] != (HEADS_KEY,))
   if not config.adapter_modes and not heads and not others:
     raise ValueError(
-        "mode 'linear' trains the heads only, but the model has no heads (no `heads` field) and "
-        "`modules_to_save` is empty, so nothing would train. Name the output layer in "
-        "`modules_to_save`, or add an adapter mode."
+      "mode 'linear' trains the heads only, but the model has no heads (no `heads` field) and "
+      '`modules_to_save` is empty, so nothing would train. Name the output layer in '
+      '`modules_to_save`, or add an adapter mode.'
     )
   return Trainable(heads=heads, norms=norms, others=tuple(_topmost(others)))
 
@@ -325,13 +337,13 @@ def _trainable(config: TransferConfig, sites: Mapping[Path, Site], params, has_h
 
 
 def prepare_for_transfer(
-    model: nn.Module,
-    params,
-    config: TransferConfig,
-    *example_args,
-    rng: jax.Array | None = None,
-    kinds: Mapping[str, str] | None = None,
-    **example_kwargs,
+  model: nn.Module,
+  params,
+  config: TransferConfig,
+  *example_args,
+  rng: jax.Array | None = None,
+  kinds: Mapping[str, str] | None = None,
+  **example_kwargs,
 ) -> tuple[AdaptedModel, Any]:
   """Swap heads and add adapters: returns `(adapted_model, params)`.
 
@@ -353,15 +365,15 @@ def prepare_for_transfer(
   """
   if not isinstance(model, nn.Module):
     raise TypeError(
-        f'`model` must be a flax.linen Module, found {type(model).__name__}. For other frameworks use '
-        'prepare_params + materialize.'
+      f'`model` must be a flax.linen Module, found {type(model).__name__}. For other frameworks use '
+      'prepare_params + materialize.'
     )
   if not isinstance(config, TransferConfig):
     raise TypeError(f'`config` must be a TransferConfig, found {type(config).__name__}.')
   if not example_args and not example_kwargs:
     raise TypeError(
-        '`prepare_for_transfer` needs example inputs to trace the model, e.g. '
-        'prepare_for_transfer(model, params, config, x, rng=key) (a jax.ShapeDtypeStruct is enough).'
+      '`prepare_for_transfer` needs example inputs to trace the model, e.g. '
+      'prepare_for_transfer(model, params, config, x, rng=key) (a jax.ShapeDtypeStruct is enough).'
     )
   rng = jax.random.key(0) if rng is None else rng
   head_rng, adapter_rng = jax.random.split(rng)
@@ -384,16 +396,16 @@ def prepare_for_transfer(
 
 
 def adapt(
-    model: nn.Module,
-    params,
-    adapters: Mapping[Any, Method | Sequence[Method]],
-    *example_args,
-    rng: jax.Array | None = None,
-    modules_to_save: Sequence[Any] = (),
-    unfreeze_norm: bool = False,
-    adapter_dtype=None,
-    kinds: Mapping[str, str] | None = None,
-    **example_kwargs,
+  model: nn.Module,
+  params,
+  adapters: Mapping[Any, Method | Sequence[Method]],
+  *example_args,
+  rng: jax.Array | None = None,
+  modules_to_save: Sequence[Any] = (),
+  unfreeze_norm: bool = False,
+  adapter_dtype=None,
+  kinds: Mapping[str, str] | None = None,
+  **example_kwargs,
 ) -> tuple[AdaptedModel, Any]:
   """Place explicit adapter methods on the modules that targets match: the layer below the config.
 
@@ -419,7 +431,9 @@ def adapt(
   if not isinstance(model, nn.Module):
     raise TypeError(f'`model` must be a flax.linen Module, found {type(model).__name__}.')
   if not isinstance(adapters, Mapping):
-    raise TypeError(f"`adapters` must map targets to methods, e.g. {{'q_proj': LoRA(rank=8)}}; found {type(adapters).__name__}.")
+    raise TypeError(
+      f"`adapters` must map targets to methods, e.g. {{'q_proj': LoRA(rank=8)}}; found {type(adapters).__name__}."
+    )
   requests = []
   for target, methods in adapters.items():
     methods = (methods,) if isinstance(methods, Method) else tuple(methods)
@@ -430,7 +444,9 @@ def adapt(
   trace = trace_model(model, *example_args, kinds=kinds, **example_kwargs)
   check_params_fit(params, trace.params)
   placement = place_adapters(trace.sites, requests)
-  params, plan = add_adapter_leaves(params, placement, trace.sites, adapter_dtype, jax.random.key(0) if rng is None else rng)
+  params, plan = add_adapter_leaves(
+    params, placement, trace.sites, adapter_dtype, jax.random.key(0) if rng is None else rng
+  )
   others = []
   for target in modules_to_save:
     others += select(trace.sites, target, 'modules_to_save', topmost=True)
@@ -463,14 +479,18 @@ def sites_from_params(params, kinds: Mapping[str, Any] | None = None) -> dict[Pa
     kernel = leaves.get('kernel')
     if kernel is None:
       if hint is not None or 'scale' in leaves:
-        sites[path] = Site(path=path, kind=hint or 'norm', module_type='params',
-                           leaves=tuple((n, tuple(v.shape), str(v.dtype)) for n, v in sorted(leaves.items())))
+        sites[path] = Site(
+          path=path,
+          kind=hint or 'norm',
+          module_type='params',
+          leaves=tuple((n, tuple(v.shape), str(v.dtype)) for n, v in sorted(leaves.items())),
+        )
       continue
     if hint is None:
       if np.ndim(kernel) != 2:
         raise ValueError(
-            f'the kernel at {paths_lib.dotted(path)!r} is {np.ndim(kernel)}-D; say what it is with '
-            f"kinds={{'{paths_lib.dotted(path)}': 'conv'}} or ('dense_general', n_input_axes)."
+          f'the kernel at {paths_lib.dotted(path)!r} is {np.ndim(kernel)}-D; say what it is with '
+          f"kinds={{'{paths_lib.dotted(path)}': 'conv'}} or ('dense_general', n_input_axes)."
         )
       hint = 'dense'
     n_in = None
@@ -478,7 +498,7 @@ def sites_from_params(params, kinds: Mapping[str, Any] | None = None) -> dict[Pa
       hint, n_in = hint
     module = ParamsDict(path, leaves, hint, n_in)
     x_ndim = (n_in or 1) + 1 if hint != 'conv' else np.ndim(kernel)
-    y = jax.ShapeDtypeStruct((1,) * (x_ndim - (n_in or 1)) + tuple(np.shape(kernel)[(n_in or 1):]), kernel.dtype)
+    y = jax.ShapeDtypeStruct((1,) * (x_ndim - (n_in or 1)) + tuple(np.shape(kernel)[(n_in or 1) :]), kernel.dtype)
     sites[path] = make_site(module, hint, x_ndim, y, {})
   return sites
 
@@ -529,8 +549,8 @@ def prepare_params(params, config: TransferConfig, *, rng=None, kinds=None) -> t
     raise TypeError(f'`config` must be a TransferConfig, found {type(config).__name__}.')
   if 'houlsby' in config.adapter_modes:
     raise ValueError(
-        "`mode` 'houlsby' needs a linen model (it wraps a module's output); prepare_params only "
-        'adds weight-space adapters. Use prepare_for_transfer with a linen model.'
+      "`mode` 'houlsby' needs a linen model (it wraps a module's output); prepare_params only "
+      'adds weight-space adapters. Use prepare_for_transfer with a linen model.'
     )
   if config.has_head_surgery:
     raise ValueError('head surgery needs a linen model with a `heads` field; use prepare_for_transfer.')

@@ -167,9 +167,7 @@ def module_kind(module: nn.Module) -> str:
   declared = getattr(type(module), 'adapter_kind', None)
   if declared is not None:
     if declared not in KINDS:
-      raise ValueError(
-          f'{type(module).__name__}.adapter_kind is {declared!r}; expected one of {list(KINDS)}.'
-      )
+      raise ValueError(f'{type(module).__name__}.adapter_kind is {declared!r}; expected one of {list(KINDS)}.')
     return declared
   if isinstance(module, nn.Dense):
     return 'dense'
@@ -189,17 +187,20 @@ def module_kind(module: nn.Module) -> str:
 
 
 _CONV_FIELDS = (
-    'kernel_size', 'strides', 'padding', 'input_dilation', 'kernel_dilation',
-    'feature_group_count', 'precision',
+  'kernel_size',
+  'strides',
+  'padding',
+  'input_dilation',
+  'kernel_dilation',
+  'feature_group_count',
+  'precision',
 )
 
 
 def _own_leaves(module: nn.Module) -> tuple[tuple[str, tuple[int, ...], str], ...]:
   params = module.variables.get('params', {}) if module.scope is not None else {}
   return tuple(
-      (name, tuple(v.shape), str(jnp.dtype(v.dtype)))
-      for name, v in sorted(params.items())
-      if not isinstance(v, Mapping)
+    (name, tuple(v.shape), str(jnp.dtype(v.dtype))) for name, v in sorted(params.items()) if not isinstance(v, Mapping)
   )
 
 
@@ -209,11 +210,11 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
   leaves = _own_leaves(module)
   shapes = {name: shape for name, shape, _ in leaves}
   common = dict(
-      path=path,
-      kind=kind,
-      module_type=type(module).__name__,
-      leaves=leaves,
-      mergeable=bool(getattr(type(module), 'adapter_mergeable', True)),
+    path=path,
+    kind=kind,
+    module_type=type(module).__name__,
+    leaves=leaves,
+    mergeable=bool(getattr(type(module), 'adapter_mergeable', True)),
   )
   kernel_shape = shapes.get('kernel')
   if kind in LINEAR_KINDS and kernel_shape is not None:
@@ -243,20 +244,49 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
       options = (('einsum_str', einsum_str.replace(' ', '')),)
       odd = ''.join(k for k in ks if k not in fin + fout)
       bias = ''.join(k for k in c.y if k in ks)
-      return Site(**common, kernel=ks, feature_in=fin, feature_out=fout, bias=bias,
-                  sizes=tuple(zip(ks, kernel_shape)), unsupported_letters=odd, options=options)
-    return Site(**common, kernel=ks, feature_in=fin, feature_out=fout, bias=bias,
-                sizes=tuple(zip(ks, kernel_shape)), options=options)
+      return Site(
+        **common,
+        kernel=ks,
+        feature_in=fin,
+        feature_out=fout,
+        bias=bias,
+        sizes=tuple(zip(ks, kernel_shape)),
+        unsupported_letters=odd,
+        options=options,
+      )
+    return Site(
+      **common,
+      kernel=ks,
+      feature_in=fin,
+      feature_out=fout,
+      bias=bias,
+      sizes=tuple(zip(ks, kernel_shape)),
+      options=options,
+    )
   if kind == 'conv' and kernel_shape is not None:
     n_spatial = len(kernel_shape) - 2
     ks = _KERNEL_LETTERS[:n_spatial] + 'IO'
     options = tuple((f, _hashable(getattr(module, f, None))) for f in _CONV_FIELDS)
-    return Site(**common, kernel=ks, feature_in='I', feature_out='O', bias='O', sizes=tuple(zip(ks, kernel_shape)), options=options)
+    return Site(
+      **common,
+      kernel=ks,
+      feature_in='I',
+      feature_out='O',
+      bias='O',
+      sizes=tuple(zip(ks, kernel_shape)),
+      options=options,
+    )
   # Blocks, norms and anything else: the last output axis is the feature axis.
-  out_dim = int(np.shape(y)[-1]) if isinstance(y, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)) and np.ndim(y) else None
+  out_dim = (
+    int(np.shape(y)[-1]) if isinstance(y, (jax.Array, jax.ShapeDtypeStruct, np.ndarray)) and np.ndim(y) else None
+  )
   sizes = (('O', out_dim),) if out_dim is not None else ()
-  return Site(**common, feature_out='O' if out_dim is not None else '', sizes=sizes,
-              options=(('output', 'array' if out_dim is not None else type(y).__name__),))
+  return Site(
+    **common,
+    feature_out='O' if out_dim is not None else '',
+    sizes=sizes,
+    options=(('output', 'array' if out_dim is not None else type(y).__name__),),
+  )
 
 
 @dataclasses.dataclass(frozen=True)

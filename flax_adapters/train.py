@@ -39,12 +39,12 @@ from flax_adapters.training import combine
 
 
 def make_train_step(
-    loss_fn: Callable[..., Any],
-    tx: optax.GradientTransformation,
-    *,
-    has_aux: bool = False,
-    donate: bool = True,
-    jit: bool = True,
+  loss_fn: Callable[..., Any],
+  tx: optax.GradientTransformation,
+  *,
+  has_aux: bool = False,
+  donate: bool = True,
+  jit: bool = True,
 ):
   """`step(trainable, opt_state, frozen, *batch) -> (trainable, opt_state, loss[, aux])`.
 

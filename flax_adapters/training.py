@@ -82,8 +82,8 @@ def _check_mask(params, mask):
     if p is not None and m is not None:
       detail = f' Only in params: {sorted("/".join(k) for k in p - m)[:4]}; only in mask: {sorted("/".join(k) for k in m - p)[:4]}.'
     raise ValueError(
-        '`mask` must have exactly the structure of `params` (build it with trainable_mask(model, params) '
-        f'for these params).{detail}'
+      '`mask` must have exactly the structure of `params` (build it with trainable_mask(model, params) '
+      f'for these params).{detail}'
     )
 
 

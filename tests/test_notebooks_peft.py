@@ -17,8 +17,9 @@ def test_minilm_peft_notebook_runs(monkeypatch):
   # The kernel must import this checkout, not another installed copy of the library.
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
-                          resources={'metadata': {'path': str(ROOT / 'notebooks')}}).execute()
+  nbclient.NotebookClient(
+    nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': str(ROOT / 'notebooks')}}
+  ).execute()
   outputs = '\n'.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs)
   assert 'PEFT (torch) vs imported (JAX) embeddings: max |diff|' in outputs
   assert 'fine-tuned adapter, PEFT (torch) vs JAX' in outputs

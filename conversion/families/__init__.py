@@ -18,9 +18,7 @@ def get_family(name: str) -> Family:
   try:
     return FAMILIES[name]
   except (KeyError, TypeError):
-    raise ValueError(
-        f'name={name!r} is not a supported model family; expected one of {sorted(FAMILIES)}.'
-    ) from None
+    raise ValueError(f'name={name!r} is not a supported model family; expected one of {sorted(FAMILIES)}.') from None
 
 
 __all__ = ['FAMILIES', 'Family', 'get_family']

@@ -113,8 +113,9 @@ class Family:
   def _check_config(self, config: Any) -> None:
     if not isinstance(config, self.config_class):
       raise TypeError(
-          f'config must be a {self.config_class.__name__} for the {self.name!r} family, got '
-          f'{type(config).__name__}; build one with get_family({self.name!r}).config_from_hf(hf_dict).')
+        f'config must be a {self.config_class.__name__} for the {self.name!r} family, got '
+        f'{type(config).__name__}; build one with get_family({self.name!r}).config_from_hf(hf_dict).'
+      )
 
   def _hint(self, config: Any) -> str:
     return ', '.join(f'{f}={getattr(config, f)!r}' for f in self.hint_fields)
@@ -126,8 +127,9 @@ class Family:
     if tabled != set(expected):
       # The table and the module disagree: a bug here, not in the user's input.
       raise RuntimeError(
-          f'{self.name} key table and {self.model_class.__name__} disagree: paths only in the table '
-          f'{sorted(tabled - set(expected))}, only in the model {sorted(set(expected) - tabled)}.')
+        f'{self.name} key table and {self.model_class.__name__} disagree: paths only in the table '
+        f'{sorted(tabled - set(expected))}, only in the model {sorted(set(expected) - tabled)}.'
+      )
     return table, expected
 
   # ---- torch -> flax ---------------------------------------------------------------------------
@@ -142,12 +144,12 @@ class Family:
     return {k: k for k in keys}
 
   def torch_to_flax(
-      self,
-      state_dict: Mapping[str, Any],
-      config: Any,
-      *,
-      param_dtype: Any = jnp.float32,
-      ignore: Iterable[str] = (),
+    self,
+    state_dict: Mapping[str, Any],
+    config: Any,
+    *,
+    param_dtype: Any = jnp.float32,
+    ignore: Iterable[str] = (),
   ) -> dict:
     """Flax params (the `'params'` collection) from a PyTorch state dict of `hf_class_name`.
 
@@ -187,8 +189,9 @@ class Family:
       array = to_numpy(arrays[m.torch_key], key=origin[m.torch_key])
       if array.dtype.kind != 'f':
         raise TypeError(
-            f'state_dict[{origin[m.torch_key]!r}] has dtype {array.dtype}, but {m.flax_name} is a '
-            'floating-point parameter; quantized checkpoints must be dequantized first.')
+          f'state_dict[{origin[m.torch_key]!r}] has dtype {array.dtype}, but {m.flax_name} is a '
+          'floating-point parameter; quantized checkpoints must be dequantized first.'
+        )
       if m.layout.flax_shape(array.shape) != want.shape:
         problems.add('wrong shape', self._misshaped(m, array.shape, want, named(m.torch_key), config))
         continue
@@ -209,8 +212,8 @@ class Family:
       problems.add('unexpected key', self._unexpected(key, arrays[key], origin[key], named(key), table, config))
 
     problems.raise_if_any(
-        f'Cannot convert the {self.name} checkpoint to {self.model_class.__name__} params '
-        f'(config: {self._hint(config)}):')
+      f'Cannot convert the {self.name} checkpoint to {self.model_class.__name__} params (config: {self._hint(config)}):'
+    )
     return unflatten_dict(flat)
 
   def _buffer_reason(self, key: str) -> str | None:
@@ -226,10 +229,11 @@ class Family:
     head, embed = to_numpy(arrays[head_key]), to_numpy(arrays[embed_key])
     if head.shape != embed.shape or not np.array_equal(head, embed):
       problems.add(
-          'untied head',
-          f'{origin[head_key]!r} differs from {origin[embed_key]!r}, but the config has '
-          'tie_word_embeddings=True, so the head would be replaced by the embedding. Fix: set '
-          'tie_word_embeddings=False in the config to keep a separate lm_head.')
+        'untied head',
+        f'{origin[head_key]!r} differs from {origin[embed_key]!r}, but the config has '
+        'tie_word_embeddings=True, so the head would be replaced by the embedding. Fix: set '
+        'tie_word_embeddings=False in the config to keep a separate lm_head.',
+      )
 
   def _missing(self, m: KeyMapping, want, config) -> str:
     row = find_row(self.rows, m.torch_key)
@@ -244,9 +248,11 @@ class Family:
     as_flax = ''
     if m.layout is Layout.TRANSPOSE:
       as_flax = f', {_shape(m.layout.flax_shape(torch_shape))} once transposed to flax layout'
-    return (f'state_dict[{named}] has shape {_shape(torch_shape)}{as_flax}, but flax {m.flax_name} '
-            f'expects {_shape(want.shape)}. Fix: the config does not match the checkpoint; check '
-            f'{self._hint(config)}.')
+    return (
+      f'state_dict[{named}] has shape {_shape(torch_shape)}{as_flax}, but flax {m.flax_name} '
+      f'expects {_shape(want.shape)}. Fix: the config does not match the checkpoint; check '
+      f'{self._hint(config)}.'
+    )
 
   def _unexpected(self, key: str, value, original: str, named: str, table: list[KeyMapping], config) -> str:
     shape = _shape(getattr(value, 'shape', ()))
@@ -256,13 +262,15 @@ class Family:
     if row is not None and not row.applies(config):
       fix = f'the config has {row.condition(config)}, so the model has no such parameter; flip it'
     elif row is not None and index is not None and index >= num_layers:
-      fix = (f'the checkpoint has layer {index} but config.{self.num_layers_field}={num_layers}; '
-             'raise it to the checkpoint\'s depth')
+      fix = (
+        f'the checkpoint has layer {index} but config.{self.num_layers_field}={num_layers}; '
+        "raise it to the checkpoint's depth"
+      )
     else:
       close = difflib.get_close_matches(key, [m.torch_key for m in table], n=1, cutoff=0.75)
       fix = (f'did you mean {close[0]!r}? ' if close else '') + (
-          'if this tensor is deliberately unused (e.g. another head), pass '
-          f'ignore=[{re.escape(original)!r}]')
+        f'if this tensor is deliberately unused (e.g. another head), pass ignore=[{re.escape(original)!r}]'
+      )
     return f'{named} (shape {shape}) has no place in {self.model_class.__name__}. Fix: {fix}.'
 
   # ---- flax -> torch ---------------------------------------------------------------------------
@@ -294,9 +302,10 @@ class Family:
     for path in flat:
       if path not in expected:
         problems.add(
-            'unexpected path',
-            f'params/{"/".join(map(str, path))} is not a parameter of {self.model_class.__name__}. Fix: '
-            'merge adapter weights into the base weights (or drop them) before exporting.')
+          'unexpected path',
+          f'params/{"/".join(map(str, path))} is not a parameter of {self.model_class.__name__}. Fix: '
+          'merge adapter weights into the base weights (or drop them) before exporting.',
+        )
     state_dict: dict[str, np.ndarray] = {}
     for m in table:
       want = expected[m.flax_path]
@@ -306,14 +315,16 @@ class Family:
       array = to_numpy(flat[m.flax_path], key=m.flax_name)
       if array.shape != want.shape:
         problems.add(
-            'wrong shape',
-            f'params/{m.flax_name} has shape {_shape(array.shape)}, but {self.model_class.__name__} with this '
-            f'config expects {_shape(want.shape)}. Fix: check the config ({self._hint(config)}).')
+          'wrong shape',
+          f'params/{m.flax_name} has shape {_shape(array.shape)}, but {self.model_class.__name__} with this '
+          f'config expects {_shape(want.shape)}. Fix: check the config ({self._hint(config)}).',
+        )
         continue
       state_dict[m.torch_key] = m.layout.to_torch(array)
     problems.raise_if_any(
-        f'Cannot export {self.model_class.__name__} params to a {self.hf_class_name} state dict '
-        f'(config: {self._hint(config)}):')
+      f'Cannot export {self.model_class.__name__} params to a {self.hf_class_name} state dict '
+      f'(config: {self._hint(config)}):'
+    )
     if self.tied_head and config.tie_word_embeddings:
       head_key, embed_key = self.tied_head
       state_dict[head_key] = state_dict[embed_key].copy()

@@ -49,8 +49,21 @@ import numpy as np
 
 ALPHABET = 'ACGT'
 IUPAC = {
-    'A': 'A', 'C': 'C', 'G': 'G', 'T': 'T', 'R': 'AG', 'Y': 'CT', 'S': 'CG', 'W': 'AT',
-    'K': 'GT', 'M': 'AC', 'B': 'CGT', 'D': 'AGT', 'H': 'ACT', 'V': 'ACG', 'N': 'ACGT',
+  'A': 'A',
+  'C': 'C',
+  'G': 'G',
+  'T': 'T',
+  'R': 'AG',
+  'Y': 'CT',
+  'S': 'CG',
+  'W': 'AT',
+  'K': 'GT',
+  'M': 'AC',
+  'B': 'CGT',
+  'D': 'AGT',
+  'H': 'ACT',
+  'V': 'ACG',
+  'N': 'ACGT',
 }
 
 
@@ -71,8 +84,9 @@ def one_hot(seq: str | Sequence[str]) -> np.ndarray:
     codes = np.frombuffer(seq.upper().encode('ascii'), np.uint8)
     bad = set(seq.upper()) - set('ACGTN')
     if bad:
-      raise ValueError(f'seq: expected only the letters A, C, G, T, N, found {sorted(bad)}. '
-                       'Fix: replace other IUPAC codes by N.')
+      raise ValueError(
+        f'seq: expected only the letters A, C, G, T, N, found {sorted(bad)}. Fix: replace other IUPAC codes by N.'
+      )
     table = np.full(256, 4, np.int64)
     for i, c in enumerate(ALPHABET):
       table[ord(c)] = i
@@ -80,8 +94,9 @@ def one_hot(seq: str | Sequence[str]) -> np.ndarray:
   seqs = list(seq)
   lengths = {len(s) for s in seqs}
   if len(lengths) > 1:
-    raise ValueError(f'seq: expected sequences of one length, found lengths {sorted(lengths)}. '
-                     'Fix: crop or pad them to one length.')
+    raise ValueError(
+      f'seq: expected sequences of one length, found lengths {sorted(lengths)}. Fix: crop or pad them to one length.'
+    )
   return np.stack([one_hot(s) for s in seqs]) if seqs else np.zeros((0, 0, 4), np.float32)
 
 
@@ -119,13 +134,10 @@ class Motif:
   fidelity: float = 0.9
 
   def __post_init__(self):
-    if not isinstance(self.consensus, str) or not self.consensus or (
-        set(self.consensus.upper()) - set(IUPAC)):
-      raise ValueError(f'Motif({self.name!r}).consensus: expected a non-empty IUPAC string, '
-                       f'found {self.consensus!r}.')
+    if not isinstance(self.consensus, str) or not self.consensus or (set(self.consensus.upper()) - set(IUPAC)):
+      raise ValueError(f'Motif({self.name!r}).consensus: expected a non-empty IUPAC string, found {self.consensus!r}.')
     if not 0.25 <= self.fidelity <= 1.0:
-      raise ValueError(f'Motif({self.name!r}).fidelity: expected a probability in [0.25, 1], '
-                       f'found {self.fidelity}.')
+      raise ValueError(f'Motif({self.name!r}).fidelity: expected a probability in [0.25, 1], found {self.fidelity}.')
 
   def __len__(self) -> int:
     return len(self.consensus)
@@ -146,10 +158,10 @@ class Motif:
 
 
 MOTIFS: tuple[Motif, ...] = (
-    Motif('ctcf', 'CCGCGNGGNGGCAG'),
-    Motif('tata', 'TATAAAAG'),
-    Motif('gata', 'AGATAAGA'),
-    Motif('ap1', 'ATGACTCAT'),
+  Motif('ctcf', 'CCGCGNGGNGGCAG'),
+  Motif('tata', 'TATAAAAG'),
+  Motif('gata', 'AGATAAGA'),
+  Motif('ap1', 'ATGACTCAT'),
 )
 
 
@@ -188,23 +200,19 @@ class AssaySpec:
   def __post_init__(self):
     if not isinstance(self.modality, str) or not self.modality:
       raise TypeError(f'AssaySpec.modality: expected a non-empty str, found {self.modality!r}.')
-    if isinstance(self.num_tracks, bool) or not isinstance(self.num_tracks, (int, np.integer)) \
-        or self.num_tracks < 1:
+    if isinstance(self.num_tracks, bool) or not isinstance(self.num_tracks, (int, np.integer)) or self.num_tracks < 1:
       raise ValueError(f'AssaySpec.num_tracks: expected an int >= 1, found {self.num_tracks!r}.')
     if self.profile not in ('gaussian', 'exponential'):
-      raise ValueError(f"AssaySpec.profile: expected 'gaussian' or 'exponential', found "
-                       f'{self.profile!r}.')
+      raise ValueError(f"AssaySpec.profile: expected 'gaussian' or 'exponential', found {self.profile!r}.")
     for name in ('width', 'repress_width', 'depth'):
       if not getattr(self, name) > 0:
-        raise ValueError(f'AssaySpec.{name}: expected a positive number, found '
-                         f'{getattr(self, name)!r}.')
+        raise ValueError(f'AssaySpec.{name}: expected a positive number, found {getattr(self, name)!r}.')
     if self.baseline < 0:
       raise ValueError(f'AssaySpec.baseline: expected >= 0, found {self.baseline!r}.')
     object.__setattr__(self, 'cooperative', tuple(tuple(p) for p in self.cooperative))
     for p in self.cooperative:
       if len(p) != 4:
-        raise ValueError(f'AssaySpec.cooperative: expected (motif_a, motif_b, window_bp, '
-                         f'weight) tuples, found {p!r}.')
+        raise ValueError(f'AssaySpec.cooperative: expected (motif_a, motif_b, window_bp, weight) tuples, found {p!r}.')
 
   def motif_names(self) -> set[str]:
     names = set(self.weights) | set(self.repressors)
@@ -218,27 +226,38 @@ class AssaySpec:
 
 
 PRETRAIN_ASSAYS: Mapping[str, AssaySpec] = {
-    # Accessibility at CTCF and AP-1 sites, weaker at GATA.
-    'atac': AssaySpec('atac', num_tracks=2, weights={'ctcf': 1.5, 'ap1': 1.2, 'gata': 0.6},
-                      width=40.0),
-    # Broader accessibility at AP-1 / TATA / GATA, insulated (repressed) around CTCF.
-    'dnase': AssaySpec('dnase', num_tracks=2, weights={'ap1': 1.5, 'tata': 1.0, 'gata': 0.6},
-                       repressors={'ctcf': 1.5}, width=60.0),
-    # A factor that binds GATA only with a TATA site within 200 bp.
-    'chip_tf': AssaySpec('chip_tf', num_tracks=2, weights={'gata': 0.3},
-                         cooperative=(('gata', 'tata', 200.0, 2.5),), profile='exponential',
-                         width=30.0),
-    # A broad histone mark around TATA, repressed by CTCF.
-    'chip_histone': AssaySpec('chip_histone', num_tracks=1, weights={'tata': 1.5},
-                              repressors={'ctcf': 1.0}, width=200.0, repress_width=300.0),
+  # Accessibility at CTCF and AP-1 sites, weaker at GATA.
+  'atac': AssaySpec('atac', num_tracks=2, weights={'ctcf': 1.5, 'ap1': 1.2, 'gata': 0.6}, width=40.0),
+  # Broader accessibility at AP-1 / TATA / GATA, insulated (repressed) around CTCF.
+  'dnase': AssaySpec(
+    'dnase', num_tracks=2, weights={'ap1': 1.5, 'tata': 1.0, 'gata': 0.6}, repressors={'ctcf': 1.5}, width=60.0
+  ),
+  # A factor that binds GATA only with a TATA site within 200 bp.
+  'chip_tf': AssaySpec(
+    'chip_tf',
+    num_tracks=2,
+    weights={'gata': 0.3},
+    cooperative=(('gata', 'tata', 200.0, 2.5),),
+    profile='exponential',
+    width=30.0,
+  ),
+  # A broad histone mark around TATA, repressed by CTCF.
+  'chip_histone': AssaySpec(
+    'chip_histone', num_tracks=1, weights={'tata': 1.5}, repressors={'ctcf': 1.0}, width=200.0, repress_width=300.0
+  ),
 }
 
 TRANSFER_ASSAYS: Mapping[str, AssaySpec] = {
-    # A new accessibility assay over the same motifs, combined differently: strong at GATA,
-    # at AP-1 only next to CTCF, and closed around TATA.
-    'my_atac': AssaySpec('atac', num_tracks=4, weights={'gata': 1.5, 'ap1': 0.3},
-                         cooperative=(('ap1', 'ctcf', 150.0, 2.0),), repressors={'tata': 1.0},
-                         width=40.0),
+  # A new accessibility assay over the same motifs, combined differently: strong at GATA,
+  # at AP-1 only next to CTCF, and closed around TATA.
+  'my_atac': AssaySpec(
+    'atac',
+    num_tracks=4,
+    weights={'gata': 1.5, 'ap1': 0.3},
+    cooperative=(('ap1', 'ctcf', 150.0, 2.0),),
+    repressors={'tata': 1.0},
+    width=40.0,
+  ),
 }
 
 ASSAYS: Mapping[str, AssaySpec] = {**PRETRAIN_ASSAYS, **TRANSFER_ASSAYS}
@@ -279,10 +298,9 @@ def _smooth(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   size = length + k - 1
   nfft = 1 << (size - 1).bit_length()
   # float32 FFTs (complex64) are twice as fast as float64 and ample for coverage values.
-  y = np.fft.irfft(np.fft.rfft(x.astype(np.float32), nfft)
-                   * np.fft.rfft(kernel.astype(np.float32), nfft), nfft)
+  y = np.fft.irfft(np.fft.rfft(x.astype(np.float32), nfft) * np.fft.rfft(kernel.astype(np.float32), nfft), nfft)
   half = k // 2
-  return y[..., half:half + length]
+  return y[..., half : half + length]
 
 
 def _profile(kind: str, width: float, max_len: int) -> np.ndarray:
@@ -300,8 +318,10 @@ def _as_rng(rng, default: np.random.Generator) -> np.random.Generator:
     return rng
   if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
     return np.random.default_rng(int(rng))
-  raise TypeError(f'rng: expected None, an int seed or a numpy Generator, found '
-                  f'{type(rng).__name__}. Fix: rng=0 or rng=np.random.default_rng(0).')
+  raise TypeError(
+    f'rng: expected None, an int seed or a numpy Generator, found '
+    f'{type(rng).__name__}. Fix: rng=0 or rng=np.random.default_rng(0).'
+  )
 
 
 class GenomicsTask:
@@ -322,23 +342,29 @@ class GenomicsTask:
   k; `sample(n)` continues the task's own stream.
   """
 
-  def __init__(self, seq_len: int, assays=None, *, bin_size: int | Mapping[str, int] = 1,
-               seed: int = 0, motifs: Sequence[Motif] = MOTIFS,
-               motif_rate: float | Mapping[str, float] = 2.0, gc: float = 0.42):
+  def __init__(
+    self,
+    seq_len: int,
+    assays=None,
+    *,
+    bin_size: int | Mapping[str, int] = 1,
+    seed: int = 0,
+    motifs: Sequence[Motif] = MOTIFS,
+    motif_rate: float | Mapping[str, float] = 2.0,
+    gc: float = 0.42,
+  ):
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
       raise ValueError(f'seq_len: expected a positive int, found {seq_len!r}.')
     self.seq_len = int(seq_len)
     self.motifs = {m.name: m for m in motifs}
     if len(self.motifs) != len(motifs):
-      raise ValueError('motifs: expected distinct motif names, found '
-                       f'{[m.name for m in motifs]}.')
+      raise ValueError(f'motifs: expected distinct motif names, found {[m.name for m in motifs]}.')
     self.assays = self._resolve_assays(assays)
     self.bin_sizes = self._resolve_bins(bin_size)
     if isinstance(motif_rate, Mapping):
       unknown = set(motif_rate) - set(self.motifs)
       if unknown:
-        raise ValueError(f'motif_rate: unknown motifs {sorted(unknown)}; expected names from '
-                         f'{sorted(self.motifs)}.')
+        raise ValueError(f'motif_rate: unknown motifs {sorted(unknown)}; expected names from {sorted(self.motifs)}.')
       self.motif_rate = {m: float(motif_rate.get(m, 0.0)) for m in self.motifs}
     else:
       self.motif_rate = {m: float(motif_rate) for m in self.motifs}
@@ -362,19 +388,24 @@ class GenomicsTask:
       names = list(assays)
       unknown = [a for a in names if a not in ASSAYS]
       if unknown:
-        raise ValueError(f'assays: unknown preset names {unknown}; expected names from '
-                         f'{sorted(ASSAYS)} or a mapping name -> AssaySpec.')
+        raise ValueError(
+          f'assays: unknown preset names {unknown}; expected names from '
+          f'{sorted(ASSAYS)} or a mapping name -> AssaySpec.'
+        )
       assays = {a: ASSAYS[a] for a in names}
     out = {}
     for name, spec in assays.items():
       if not isinstance(spec, AssaySpec):
-        raise TypeError(f'assays[{name!r}]: expected an AssaySpec, found '
-                        f'{type(spec).__name__}. Fix: AssaySpec("atac", num_tracks=2, '
-                        'weights={"ctcf": 1.0}).')
+        raise TypeError(
+          f'assays[{name!r}]: expected an AssaySpec, found '
+          f'{type(spec).__name__}. Fix: AssaySpec("atac", num_tracks=2, '
+          'weights={"ctcf": 1.0}).'
+        )
       unknown = spec.motif_names() - set(self.motifs)
       if unknown:
-        raise ValueError(f'assays[{name!r}]: refers to unknown motifs {sorted(unknown)}; '
-                         f'the task has {sorted(self.motifs)}.')
+        raise ValueError(
+          f'assays[{name!r}]: refers to unknown motifs {sorted(unknown)}; the task has {sorted(self.motifs)}.'
+        )
       out[name] = spec
     if not out:
       raise ValueError('assays: expected at least one assay, found none.')
@@ -384,16 +415,15 @@ class GenomicsTask:
     if isinstance(bin_size, Mapping):
       missing = set(self.assays) - set(bin_size)
       if missing:
-        raise ValueError(f'bin_size: no bin size for assays {sorted(missing)}. Fix: give one '
-                         'for every assay, or one int for all.')
+        raise ValueError(
+          f'bin_size: no bin size for assays {sorted(missing)}. Fix: give one for every assay, or one int for all.'
+        )
       bins = {a: bin_size[a] for a in self.assays}
     else:
       bins = {a: bin_size for a in self.assays}
     for a, b in bins.items():
-      if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 \
-          or self.seq_len % b:
-        raise ValueError(f'bin_size[{a!r}]: expected a positive int dividing seq_len='
-                         f'{self.seq_len}, found {b!r}.')
+      if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b < 1 or self.seq_len % b:
+        raise ValueError(f'bin_size[{a!r}]: expected a positive int dividing seq_len={self.seq_len}, found {b!r}.')
     return {a: int(b) for a, b in bins.items()}
 
   def _track_gains(self, name: str, spec: AssaySpec) -> dict[str, np.ndarray]:
@@ -401,9 +431,9 @@ class GenomicsTask:
     sd = spec.track_variability
     draw = lambda: np.exp(sd * rng.standard_normal(spec.num_tracks))
     return {
-        'weights': {m: draw() for m in sorted(spec.weights)},
-        'cooperative': [draw() for _ in spec.cooperative],
-        'repressors': {m: draw() for m in sorted(spec.repressors)},
+      'weights': {m: draw() for m in sorted(spec.weights)},
+      'cooperative': [draw() for _ in spec.cooperative],
+      'repressors': {m: draw() for m in sorted(spec.repressors)},
     }
 
   @classmethod
@@ -416,8 +446,10 @@ class GenomicsTask:
     if assays is None:
       unknown = [h for h in heads if h not in ASSAYS]
       if unknown:
-        raise ValueError(f'assays: model heads {unknown} are not preset assays '
-                         f'{sorted(ASSAYS)}. Fix: pass assays={{name: AssaySpec(...)}}.')
+        raise ValueError(
+          f'assays: model heads {unknown} are not preset assays '
+          f'{sorted(ASSAYS)}. Fix: pass assays={{name: AssaySpec(...)}}.'
+        )
       assays = {h: ASSAYS[h] for h in heads}
     kwargs.setdefault('bin_size', model.bin_sizes())
     return cls(model.config.seq_len, assays, **kwargs)
@@ -427,12 +459,17 @@ class GenomicsTask:
     if bin_size is None:
       bins = set(self.bin_sizes.values())
       if len(bins) != 1:
-        raise ValueError('bin_size: this task has several bin sizes; pass the new assays\' '
-                         'bin sizes explicitly.')
+        raise ValueError("bin_size: this task has several bin sizes; pass the new assays' bin sizes explicitly.")
       bin_size = bins.pop()
-    return GenomicsTask(self.seq_len, assays, bin_size=bin_size, seed=self.seed,
-                        motifs=tuple(self.motifs.values()), motif_rate=self.motif_rate,
-                        gc=self.gc)
+    return GenomicsTask(
+      self.seq_len,
+      assays,
+      bin_size=bin_size,
+      seed=self.seed,
+      motifs=tuple(self.motifs.values()),
+      motif_rate=self.motif_rate,
+      gc=self.gc,
+    )
 
   def heads(self) -> dict[str, dict[str, Any]]:
     """The assays as a model heads mapping `name -> {'modality', 'num_tracks'}`."""
@@ -449,8 +486,7 @@ class GenomicsTask:
     batch = self.generate(n, rng)
     return batch.onehot, (batch.tracks if noise else batch.expected)
 
-  def generate(self, n: int, rng=None, *, sites: Sequence[Iterable] | None = None
-               ) -> GenomicsBatch:
+  def generate(self, n: int, rng=None, *, sites: Sequence[Iterable] | None = None) -> GenomicsBatch:
     """Draws `n` sequences; with `sites`, plants exactly those (one list per sequence) instead.
 
     `sites[i]` holds `(motif, start)` or `(motif, start, strand)` entries (strand +1 default).
@@ -476,7 +512,7 @@ class GenomicsTask:
         if site.strand < 0:
           pwm = pwm[::-1, ::-1]
         letters = (rng.random((len(pwm), 1)) > np.cumsum(pwm, axis=1)).sum(axis=1)
-        tokens[i, site.start:site.start + len(pwm)] = np.minimum(letters, 3)
+        tokens[i, site.start : site.start + len(pwm)] = np.minimum(letters, 3)
         impulses[i, names.index(site.motif), site.start + len(pwm) // 2] = 1.0
     onehot = np.eye(4, dtype=np.float32)[tokens]
     expected, tracks = {}, {}
@@ -500,8 +536,8 @@ class GenomicsTask:
       for _ in range(rng.poisson(self.motif_rate[name] * L / 1000.0)):
         for _try in range(20):
           start = int(rng.integers(0, L - k + 1))
-          if not taken[start:start + k].any():
-            taken[start:start + k] = True
+          if not taken[start : start + k].any():
+            taken[start : start + k] = True
             out.append(Site(name, start, int(rng.choice((-1, 1)))))
             break
     return sorted(out, key=lambda s: s.start)
@@ -513,12 +549,15 @@ class GenomicsTask:
       if len(entry) == 2:
         entry = entry + (1,)
       if len(entry) != 3 or entry[0] not in self.motifs:
-        raise ValueError(f'sites[{i}]: expected (motif, start[, strand]) with motif in '
-                         f'{sorted(self.motifs)}, found {entry!r}.')
+        raise ValueError(
+          f'sites[{i}]: expected (motif, start[, strand]) with motif in {sorted(self.motifs)}, found {entry!r}.'
+        )
       motif, start, strand = entry
       if not 0 <= start <= self.seq_len - len(self.motifs[motif]) or strand not in (-1, 1):
-        raise ValueError(f'sites[{i}]: {entry!r} does not fit: expected 0 <= start <= '
-                         f'{self.seq_len - len(self.motifs[motif])} and strand +1 or -1.')
+        raise ValueError(
+          f'sites[{i}]: {entry!r} does not fit: expected 0 <= start <= '
+          f'{self.seq_len - len(self.motifs[motif])} and strand +1 or -1.'
+        )
       out.append(Site(motif, int(start), int(strand)))
     return out
 
@@ -559,15 +598,14 @@ def pearson_r(pred, target):
     1.0
   """
   if isinstance(pred, Mapping) or isinstance(target, Mapping):
-    if not (isinstance(pred, Mapping) and isinstance(target, Mapping)) or set(pred) != set(
-        target):
-      raise ValueError(f'pearson_r: expected two mappings with the same keys, found '
-                       f'{_keys(pred)} and {_keys(target)}.')
+    if not (isinstance(pred, Mapping) and isinstance(target, Mapping)) or set(pred) != set(target):
+      raise ValueError(f'pearson_r: expected two mappings with the same keys, found {_keys(pred)} and {_keys(target)}.')
     return {k: pearson_r(pred[k], target[k]) for k in target}
   p, t = jnp.asarray(pred), jnp.asarray(target)
   if p.shape != t.shape or p.ndim < 1:
-    raise ValueError(f'pearson_r: expected pred and target of one shape (..., num_tracks), '
-                     f'found {p.shape} and {t.shape}.')
+    raise ValueError(
+      f'pearson_r: expected pred and target of one shape (..., num_tracks), found {p.shape} and {t.shape}.'
+    )
   dtype = jnp.promote_types(jnp.promote_types(p.dtype, t.dtype), jnp.float32)
   p = p.reshape(-1, p.shape[-1]).astype(dtype)
   t = t.reshape(-1, t.shape[-1]).astype(dtype)

@@ -42,13 +42,13 @@ LOCON4 = ['down_blocks.4', 'down_blocks.5']
 
 # Each mode as a user would write it: the seed document's configurations.
 MODES = {
-    'linear': dict(mode='linear'),
-    'lora': dict(mode='lora', lora_rank=8, lora_alpha=16, lora_targets=['q_proj', 'v_proj']),
-    'locon': dict(mode='locon', locon_rank=4, locon_alpha=1, locon_targets=LOCON4),
-    'ia3': dict(mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2']),
-    'houlsby': dict(mode='houlsby', houlsby_latent_dim=8, houlsby_placement='block', houlsby_targets=['mha', 'mlp']),
-    'lora+locon': dict(mode=['lora', 'locon'], lora_targets=['q_proj', 'v_proj'], locon_targets=LOCON4),
-    'full': dict(mode='full'),
+  'linear': dict(mode='linear'),
+  'lora': dict(mode='lora', lora_rank=8, lora_alpha=16, lora_targets=['q_proj', 'v_proj']),
+  'locon': dict(mode='locon', locon_rank=4, locon_alpha=1, locon_targets=LOCON4),
+  'ia3': dict(mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2']),
+  'houlsby': dict(mode='houlsby', houlsby_latent_dim=8, houlsby_placement='block', houlsby_targets=['mha', 'mlp']),
+  'lora+locon': dict(mode=['lora', 'locon'], lora_targets=['q_proj', 'v_proj'], locon_targets=LOCON4),
+  'full': dict(mode='full'),
 }
 # Full fine-tuning moves pretrained weights, so it takes a smaller step.
 LEARNING_RATE = {'full': 3e-3}
@@ -73,8 +73,20 @@ class Settings:
   @classmethod
   def quick(cls, **changes):
     """A tiny run for smoke tests: the same steps, at toy sizes."""
-    return cls(**{**dict(size='tiny', pretrain_steps=30, transfer_steps=10, batch_size=8, pretrain_examples=64,
-                         transfer_examples=32, val_examples=32), **changes})
+    return cls(
+      **{
+        **dict(
+          size='tiny',
+          pretrain_steps=30,
+          transfer_steps=10,
+          batch_size=8,
+          pretrain_examples=64,
+          transfer_examples=32,
+          val_examples=32,
+        ),
+        **changes,
+      }
+    )
 
 
 def poisson_loss(pred: dict, target: dict) -> jax.Array:
@@ -98,7 +110,9 @@ def train(model, params, data, *, steps: int, batch_size: int, lr: float, seed: 
   # No donation: `trainable` shares its arrays with `params`, which the caller reuses for every mode.
   step = fa.make_train_step(lambda p, x, y: poisson_loss(model.apply({'params': p}, x), y), tx, donate=False)
   losses, times = [], []
-  bar = tqdm(batches(len(x), batch_size, steps, seed), total=steps, desc=f'{desc:>10}', disable=not progress, leave=False)
+  bar = tqdm(
+    batches(len(x), batch_size, steps, seed), total=steps, desc=f'{desc:>10}', disable=not progress, leave=False
+  )
   for idx in bar:
     start = time.perf_counter()
     trainable, opt_state, loss = step(trainable, opt_state, frozen, x[idx], {k: v[idx] for k, v in y.items()})
@@ -112,7 +126,7 @@ def train(model, params, data, *, steps: int, batch_size: int, lr: float, seed: 
 
 def evaluate(apply_fn, params, data, head: str, batch_size: int = 128) -> tuple[float, np.ndarray]:
   x, y = data
-  preds = [np.asarray(apply_fn(params, x[i:i + batch_size])[head]) for i in range(0, len(x), batch_size)]
+  preds = [np.asarray(apply_fn(params, x[i : i + batch_size])[head]) for i in range(0, len(x), batch_size)]
   pred = np.concatenate(preds)
   return float(genomics.pearson_r(pred, y[head])), pred
 
@@ -143,8 +157,17 @@ def run(settings: Settings) -> dict:
   # 1. Pretraining: every weight trains (mode='full' on the model as it is).
   params = model.init(jax.random.key(settings.seed), model.dummy_input())['params']
   full, params = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='full'), model.dummy_input())
-  params, pre_losses, pre_step = train(full, params, pre_train, steps=settings.pretrain_steps, batch_size=settings.batch_size,
-                                       lr=PRETRAIN_LR, seed=settings.seed, desc='pretrain', progress=settings.progress)
+  params, pre_losses, pre_step = train(
+    full,
+    params,
+    pre_train,
+    steps=settings.pretrain_steps,
+    batch_size=settings.batch_size,
+    lr=PRETRAIN_LR,
+    seed=settings.seed,
+    desc='pretrain',
+    progress=settings.progress,
+  )
   pretrained = params
   apply = jax.jit(model.apply)
   pre_r = {h: evaluate(lambda p, x: apply({'params': p}, x), pretrained, pre_val, h)[0] for h in heads}
@@ -154,15 +177,26 @@ def run(settings: Settings) -> dict:
   base_size = None
   with tempfile.TemporaryDirectory() as tmp:
     for i, name in enumerate(settings.modes):
-      cfg = fa.TransferConfig(**MODES[name], remove_heads=list(heads),
-                              new_heads={NEW_HEAD: genomics.ASSAYS[NEW_HEAD].head()})
-      adapted, p = fa.prepare_for_transfer(model, pretrained, cfg, model.dummy_input(),
-                                           rng=jax.random.key(settings.seed + 100))
+      cfg = fa.TransferConfig(
+        **MODES[name], remove_heads=list(heads), new_heads={NEW_HEAD: genomics.ASSAYS[NEW_HEAD].head()}
+      )
+      adapted, p = fa.prepare_for_transfer(
+        model, pretrained, cfg, model.dummy_input(), rng=jax.random.key(settings.seed + 100)
+      )
       adapted_apply = jax.jit(adapted.apply)
       untrained_r, _ = evaluate(lambda p, x: adapted_apply({'params': p}, x), p, tr_val, NEW_HEAD)
       lr = LEARNING_RATE.get(name, DEFAULT_LR)
-      p, losses, sec = train(adapted, p, tr_train, steps=settings.transfer_steps, batch_size=settings.batch_size, lr=lr,
-                             seed=settings.seed + 10 + i, desc=name, progress=settings.progress)
+      p, losses, sec = train(
+        adapted,
+        p,
+        tr_train,
+        steps=settings.transfer_steps,
+        batch_size=settings.batch_size,
+        lr=lr,
+        seed=settings.seed + 10 + i,
+        desc=name,
+        progress=settings.progress,
+      )
       val_r, pred = evaluate(lambda p, x: adapted_apply({'params': p}, x), p, tr_val, NEW_HEAD)
       served, merged = fa.merge_adapters(adapted, p)
       served_apply = jax.jit(served.apply)
@@ -172,11 +206,13 @@ def run(settings: Settings) -> dict:
       if base_size is None:
         base_dir = os.path.join(tmp, 'base')
         import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
         with ocp.StandardCheckpointer() as c:
           c.save(base_dir, pretrained)
         base_size = directory_size(base_dir)
       stays = sorted({m.name for e in getattr(served, 'plan', ()) for m in e.methods})
-      rows.append({
+      rows.append(
+        {
           'mode': name,
           'trainable_params': summary.trainable,
           'total_params': summary.total,
@@ -188,19 +224,20 @@ def run(settings: Settings) -> dict:
           'unmerged_after_merge': stays,
           'adapter_checkpoint_bytes': directory_size(ckpt),
           'final_train_loss': float(np.mean(losses[-10:])),
-      })
+        }
+      )
       curves[name] = losses
 
   results = {
-      'settings': dataclasses.asdict(settings),
-      'model': {'config': dataclasses.asdict(config), 'pretrain_heads': list(heads), 'new_head': NEW_HEAD},
-      'pretrain': {'val_pearson_r': pre_r, 'sec_per_step': pre_step, 'final_loss': float(np.mean(pre_losses[-10:]))},
-      'base_checkpoint_bytes': base_size,
-      'transfer': rows,
-      'loss_curves': {'pretrain': pre_losses, **curves},
-      'seconds': time.perf_counter() - started,
-      'jax': jax.__version__,
-      'device': str(jax.devices()[0].device_kind),
+    'settings': dataclasses.asdict(settings),
+    'model': {'config': dataclasses.asdict(config), 'pretrain_heads': list(heads), 'new_head': NEW_HEAD},
+    'pretrain': {'val_pearson_r': pre_r, 'sec_per_step': pre_step, 'final_loss': float(np.mean(pre_losses[-10:]))},
+    'base_checkpoint_bytes': base_size,
+    'transfer': rows,
+    'loss_curves': {'pretrain': pre_losses, **curves},
+    'seconds': time.perf_counter() - started,
+    'jax': jax.__version__,
+    'device': str(jax.devices()[0].device_kind),
   }
   os.makedirs(settings.out_dir, exist_ok=True)
   with open(os.path.join(settings.out_dir, 'results.json'), 'w') as f:
@@ -215,13 +252,16 @@ def table(results: dict) -> str:
   for r in results['transfer']:
     stays = f' ({"+".join(r["unmerged_after_merge"])} stay)' if r['unmerged_after_merge'] else ''
     lines.append(
-        f'{r["mode"]:<11} {r["trainable_params"]:>10,} {r["trainable_pct"]:>7.2f}% {r["val_pearson_r"]:>7.3f} '
-        f'{r["untrained_head_val_r"]:>11.3f} {r["sec_per_step"]:>7.3f} {r["max_abs_merged_minus_adapted"]:>17.2e} '
-        f'{r["adapter_checkpoint_bytes"] / 1024:>7.0f}KB{stays}')
+      f'{r["mode"]:<11} {r["trainable_params"]:>10,} {r["trainable_pct"]:>7.2f}% {r["val_pearson_r"]:>7.3f} '
+      f'{r["untrained_head_val_r"]:>11.3f} {r["sec_per_step"]:>7.3f} {r["max_abs_merged_minus_adapted"]:>17.2e} '
+      f'{r["adapter_checkpoint_bytes"] / 1024:>7.0f}KB{stays}'
+    )
   pre = results['pretrain']['val_pearson_r']
   lines.append('')
   lines.append('pretrained heads, val r: ' + ', '.join(f'{k} {v:.3f}' for k, v in pre.items()))
-  lines.append(f'base checkpoint: {results["base_checkpoint_bytes"] / 1024:.0f}KB; total time {results["seconds"]:.0f}s')
+  lines.append(
+    f'base checkpoint: {results["base_checkpoint_bytes"] / 1024:.0f}KB; total time {results["seconds"]:.0f}s'
+  )
   return '\n'.join(lines)
 
 
@@ -236,8 +276,13 @@ def plot(results: dict, path: str) -> None:
   color = {r['mode']: f'C{i}' for i, r in enumerate(results['transfer'])}  # the same in both panels
   for i, r in enumerate(sorted(results['transfer'], key=lambda r: r['trainable_params'])):
     ax1.scatter(r['trainable_params'], r['val_pearson_r'], s=40, color=color[r['mode']])
-    ax1.annotate(r['mode'], (r['trainable_params'], r['val_pearson_r']), textcoords='offset points',
-                 xytext=(4, 6 if i % 2 == 0 else -14), fontsize=9)
+    ax1.annotate(
+      r['mode'],
+      (r['trainable_params'], r['val_pearson_r']),
+      textcoords='offset points',
+      xytext=(4, 6 if i % 2 == 0 else -14),
+      fontsize=9,
+    )
   untrained = np.mean([r['untrained_head_val_r'] for r in results['transfer']])
   ax1.axhline(untrained, color='gray', ls='--', lw=1, label='untrained new head')
   ax1.set_xscale('log')
@@ -264,16 +309,21 @@ def plot(results: dict, path: str) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> Settings:
   d = Settings()
   p = argparse.ArgumentParser(
-      prog='python -m flax_adapters.genomics.demo',
-      description='Pretrain an AlphaGenome-style model on a synthetic genomics task, transfer it to a new assay '
-                  'with every adapter mode, and compare them (table, JSON, PNG).')
+    prog='python -m flax_adapters.genomics.demo',
+    description='Pretrain an AlphaGenome-style model on a synthetic genomics task, transfer it to a new assay '
+    'with every adapter mode, and compare them (table, JSON, PNG).',
+  )
   p.add_argument('--seed', type=int, default=d.seed, help='seed for data, init and batches (default %(default)s)')
   p.add_argument('--out-dir', default=d.out_dir, help='where results.json and transfer.png go (default %(default)s)')
   p.add_argument('--size', choices=('small', 'tiny'), default=d.size, help='model size preset (default %(default)s)')
   p.add_argument('--pretrain-steps', type=int, default=d.pretrain_steps, help='pretraining steps (default %(default)s)')
-  p.add_argument('--transfer-steps', type=int, default=d.transfer_steps, help='training steps per mode (default %(default)s)')
+  p.add_argument(
+    '--transfer-steps', type=int, default=d.transfer_steps, help='training steps per mode (default %(default)s)'
+  )
   p.add_argument('--batch-size', type=int, default=d.batch_size, help='batch size (default %(default)s)')
-  p.add_argument('--modes', nargs='+', default=list(d.modes), choices=list(MODES), help='modes to compare (default: all)')
+  p.add_argument(
+    '--modes', nargs='+', default=list(d.modes), choices=list(MODES), help='modes to compare (default: all)'
+  )
   p.add_argument('--quick', action='store_true', help='a tiny smoke run (toy sizes, few steps)')
   p.add_argument('--no-progress', action='store_true', help='hide progress bars')
   a = p.parse_args(argv)
@@ -283,15 +333,18 @@ def parse_args(argv: Sequence[str] | None = None) -> Settings:
   for name in ('pretrain_steps', 'transfer_steps', 'batch_size'):
     if getattr(a, name) < 1:
       p.error(f'--{name.replace("_", "-")} must be at least 1')
-  return Settings(size=a.size, pretrain_steps=a.pretrain_steps, transfer_steps=a.transfer_steps,
-                  batch_size=a.batch_size, **common)
+  return Settings(
+    size=a.size, pretrain_steps=a.pretrain_steps, transfer_steps=a.transfer_steps, batch_size=a.batch_size, **common
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
   settings = parse_args(argv)
   results = run(settings)
   print(table(results))
-  print(f'\nwrote {os.path.join(settings.out_dir, "results.json")} and {os.path.join(settings.out_dir, "transfer.png")}')
+  print(
+    f'\nwrote {os.path.join(settings.out_dir, "results.json")} and {os.path.join(settings.out_dir, "transfer.png")}'
+  )
   return results
 
 

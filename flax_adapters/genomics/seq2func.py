@@ -58,8 +58,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,8 @@ Dtype = Any
 
 # Base pairs per output bin of a head, as a multiple of the tower's bin size, by modality.
 # Heads of these modalities may be declared; the factor is the only structural effect of a modality.
-MODALITY_POOL: Mapping[str, int] = FrozenDict({
+MODALITY_POOL: Mapping[str, int] = FrozenDict(
+  {
     'atac': 1,
     'dnase': 1,
     'procap': 1,
@@ -81,13 +82,16 @@ MODALITY_POOL: Mapping[str, int] = FrozenDict({
     'rna_seq': 1,
     'chip_tf': 1,
     'chip_histone': 2,
-})
+  }
+)
 
-DEFAULT_HEADS: Mapping[str, Mapping[str, Any]] = FrozenDict({
+DEFAULT_HEADS: Mapping[str, Mapping[str, Any]] = FrozenDict(
+  {
     'atac': FrozenDict({'modality': 'atac', 'num_tracks': 2}),
     'dnase': FrozenDict({'modality': 'dnase', 'num_tracks': 2}),
     'chip_tf': FrozenDict({'modality': 'chip_tf', 'num_tracks': 2}),
-})
+  }
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,36 +145,51 @@ class Seq2FuncConfig:
       value = getattr(self, name)
       if not isinstance(value, Sequence) or isinstance(value, str):
         raise TypeError(
-            f'Seq2FuncConfig.{name}: expected a sequence of ints, found {type(value).__name__} '
-            f'{value!r}. Fix: pass e.g. {name}=(8, 8, 16, 16, 32, 32).')
+          f'Seq2FuncConfig.{name}: expected a sequence of ints, found {type(value).__name__} '
+          f'{value!r}. Fix: pass e.g. {name}=(8, 8, 16, 16, 32, 32).'
+        )
       object.__setattr__(self, name, tuple(value))
-    for name in ('seq_len', 'stem_channels', 'stem_kernel', 'conv_kernel', 'num_blocks',
-                 'num_heads', 'head_dim', 'mlp_ratio', 'head_hidden'):
-      _check_int(f'Seq2FuncConfig.{name}', getattr(self, name), minimum=0 if name in (
-          'num_blocks', 'head_hidden') else 1)
+    for name in (
+      'seq_len',
+      'stem_channels',
+      'stem_kernel',
+      'conv_kernel',
+      'num_blocks',
+      'num_heads',
+      'head_dim',
+      'mlp_ratio',
+      'head_hidden',
+    ):
+      _check_int(
+        f'Seq2FuncConfig.{name}', getattr(self, name), minimum=0 if name in ('num_blocks', 'head_hidden') else 1
+      )
     for name in ('down_channels', 'down_pools'):
       for v in getattr(self, name):
         _check_int(f'Seq2FuncConfig.{name} entry', v, minimum=1)
     if len(self.down_channels) != 6 or len(self.down_pools) != 6:
       raise ValueError(
-          'Seq2FuncConfig: expected 6 down blocks (AlphaGenome targets name down_blocks.0 ... '
-          f'down_blocks.5), found down_channels of length {len(self.down_channels)} and '
-          f'down_pools of length {len(self.down_pools)}. Fix: give six entries to each.')
+        'Seq2FuncConfig: expected 6 down blocks (AlphaGenome targets name down_blocks.0 ... '
+        f'down_blocks.5), found down_channels of length {len(self.down_channels)} and '
+        f'down_pools of length {len(self.down_pools)}. Fix: give six entries to each.'
+      )
     widths = (self.stem_channels,) + self.down_channels
     if any(b < a for a, b in zip(widths, widths[1:])):
       raise ValueError(
-          'Seq2FuncConfig.down_channels: expected non-decreasing channels starting at '
-          f'stem_channels={self.stem_channels} (the residual path zero-pads channels), found '
-          f'{self.down_channels}. Fix: sort them or lower stem_channels.')
+        'Seq2FuncConfig.down_channels: expected non-decreasing channels starting at '
+        f'stem_channels={self.stem_channels} (the residual path zero-pads channels), found '
+        f'{self.down_channels}. Fix: sort them or lower stem_channels.'
+      )
     if self.head_dim % 2:
       raise ValueError(
-          f'Seq2FuncConfig.head_dim: expected an even number (rotary positions rotate pairs of '
-          f'features), found {self.head_dim}. Fix: use {self.head_dim + 1}.')
+        f'Seq2FuncConfig.head_dim: expected an even number (rotary positions rotate pairs of '
+        f'features), found {self.head_dim}. Fix: use {self.head_dim + 1}.'
+      )
     if self.seq_len % self.bin_size:
       raise ValueError(
-          f'Seq2FuncConfig.seq_len: expected a multiple of the total pooling {self.bin_size} '
-          f'(product of down_pools {self.down_pools}), found {self.seq_len}. Fix: use '
-          f'seq_len={-(-self.seq_len // self.bin_size) * self.bin_size}.')
+        f'Seq2FuncConfig.seq_len: expected a multiple of the total pooling {self.bin_size} '
+        f'(product of down_pools {self.down_pools}), found {self.seq_len}. Fix: use '
+        f'seq_len={-(-self.seq_len // self.bin_size) * self.bin_size}.'
+      )
 
   @property
   def bin_size(self) -> int:
@@ -202,19 +221,24 @@ class Seq2FuncConfig:
   @classmethod
   def small(cls, **changes) -> Seq2FuncConfig:
     """For CPU demos: 1024 bp in, 32 bp bins, 2 transformer blocks of width 64 (~180k params)."""
-    return cls(**{**dict(
-        seq_len=1024,
-        stem_channels=24,
-        stem_kernel=15,
-        down_channels=(24, 32, 32, 48, 48, 64),
-        down_pools=(2, 2, 2, 2, 2, 1),
-        conv_kernel=5,
-        num_blocks=2,
-        num_heads=4,
-        head_dim=16,
-        mlp_ratio=2,
-        head_hidden=32,
-    ), **changes})
+    return cls(
+      **{
+        **dict(
+          seq_len=1024,
+          stem_channels=24,
+          stem_kernel=15,
+          down_channels=(24, 32, 32, 48, 48, 64),
+          down_pools=(2, 2, 2, 2, 2, 1),
+          conv_kernel=5,
+          num_blocks=2,
+          num_heads=4,
+          head_dim=16,
+          mlp_ratio=2,
+          head_hidden=32,
+        ),
+        **changes,
+      }
+    )
 
 
 def _check_int(name: str, value, minimum: int):
@@ -226,12 +250,16 @@ def _check_int(name: str, value, minimum: int):
 
 def _modality_pool(modality, what: str) -> int:
   if not isinstance(modality, str):
-    raise TypeError(f'{what}: expected a modality name (str), found {type(modality).__name__} '
-                    f'{modality!r}. Known modalities: {sorted(MODALITY_POOL)}.')
+    raise TypeError(
+      f'{what}: expected a modality name (str), found {type(modality).__name__} '
+      f'{modality!r}. Known modalities: {sorted(MODALITY_POOL)}.'
+    )
   if modality not in MODALITY_POOL:
-    raise ValueError(f'{what}: unknown modality {modality!r}; expected one of '
-                     f'{sorted(MODALITY_POOL)}. Fix: pick the closest assay type, e.g. '
-                     "'atac' for accessibility or 'chip_tf' for factor binding.")
+    raise ValueError(
+      f'{what}: unknown modality {modality!r}; expected one of '
+      f'{sorted(MODALITY_POOL)}. Fix: pick the closest assay type, e.g. '
+      "'atac' for accessibility or 'chip_tf' for factor binding."
+    )
   return MODALITY_POOL[modality]
 
 
@@ -248,31 +276,40 @@ def normalize_heads(heads) -> FrozenDict:
   """
   if isinstance(heads, Mapping):
     items = list(heads.items())
-  elif isinstance(heads, Sequence) and not isinstance(heads, str) and all(
-      isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in heads):
+  elif (
+    isinstance(heads, Sequence)
+    and not isinstance(heads, str)
+    and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in heads)
+  ):
     items = [tuple(p) for p in heads]
   else:
     raise TypeError(
-        f'heads: expected a mapping name -> {{"modality": str, "num_tracks": int}}, found '
-        f'{type(heads).__name__} {heads!r}. Fix: heads={{"atac": {{"modality": "atac", '
-        '"num_tracks": 2}}.')
+      f'heads: expected a mapping name -> {{"modality": str, "num_tracks": int}}, found '
+      f'{type(heads).__name__} {heads!r}. Fix: heads={{"atac": {{"modality": "atac", '
+      '"num_tracks": 2}}.'
+    )
   out = {}
   for name, spec in items:
     if not isinstance(name, str) or not name or '/' in name or '.' in name:
-      raise ValueError(f'heads: expected head names to be non-empty strings without "/" or ".", '
-                       f'found {name!r}. Fix: use a name like "my_atac".')
+      raise ValueError(
+        f'heads: expected head names to be non-empty strings without "/" or ".", '
+        f'found {name!r}. Fix: use a name like "my_atac".'
+      )
     if name in out:
       raise ValueError(f'heads: head {name!r} is given twice. Fix: give each head once.')
     if not isinstance(spec, Mapping):
-      raise TypeError(f'heads[{name!r}]: expected a mapping with keys "modality" and '
-                      f'"num_tracks", found {type(spec).__name__} {spec!r}.')
+      raise TypeError(
+        f'heads[{name!r}]: expected a mapping with keys "modality" and '
+        f'"num_tracks", found {type(spec).__name__} {spec!r}.'
+      )
     extra = set(spec) - {'modality', 'num_tracks'}
     missing = {'modality', 'num_tracks'} - set(spec)
     if extra or missing:
       raise ValueError(
-          f'heads[{name!r}]: expected exactly the keys "modality" and "num_tracks", found '
-          f'{sorted(spec)} (missing {sorted(missing)}, unexpected {sorted(extra)}). Fix: '
-          f'heads[{name!r}] = {{"modality": "atac", "num_tracks": 4}}.')
+        f'heads[{name!r}]: expected exactly the keys "modality" and "num_tracks", found '
+        f'{sorted(spec)} (missing {sorted(missing)}, unexpected {sorted(extra)}). Fix: '
+        f'heads[{name!r}] = {{"modality": "atac", "num_tracks": 4}}.'
+      )
     _modality_pool(spec['modality'], f'heads[{name!r}]["modality"]')
     _check_int(f'heads[{name!r}]["num_tracks"]', spec['num_tracks'], minimum=1)
     out[name] = FrozenDict({'modality': spec['modality'], 'num_tracks': int(spec['num_tracks'])})
@@ -331,17 +368,19 @@ class StandardizedConv1D(nn.Conv):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(
-        self.kernel_size)
+    kernel_size = (self.kernel_size,) if isinstance(self.kernel_size, int) else tuple(self.kernel_size)
     if len(kernel_size) != 1:
-      raise ValueError(f'StandardizedConv1D.kernel_size: expected one spatial dimension, found '
-                       f'{self.kernel_size!r}. Fix: kernel_size=({kernel_size[0]},).')
+      raise ValueError(
+        f'StandardizedConv1D.kernel_size: expected one spatial dimension, found '
+        f'{self.kernel_size!r}. Fix: kernel_size=({kernel_size[0]},).'
+      )
     if self.mask is not None:
-      raise ValueError('StandardizedConv1D.mask: masked kernels are not supported (the mask '
-                       'would interact with standardization). Fix: leave mask=None.')
+      raise ValueError(
+        'StandardizedConv1D.mask: masked kernels are not supported (the mask '
+        'would interact with standardization). Fix: leave mask=None.'
+      )
     if inputs.ndim < 2:
-      raise ValueError(f'StandardizedConv1D inputs: expected (..., length, features), found '
-                       f'shape {inputs.shape}.')
+      raise ValueError(f'StandardizedConv1D inputs: expected (..., length, features), found shape {inputs.shape}.')
 
     def one(x, name):
       if x is None:
@@ -373,20 +412,20 @@ class StandardizedConv1D(nn.Conv):
         padding = 'VALID'
       elif padding not in ('SAME', 'SAME_LOWER', 'VALID'):
         raise ValueError(
-            f'StandardizedConv1D.padding: expected one of SAME, SAME_LOWER, VALID, CAUSAL, '
-            f'CIRCULAR, REFLECT, an int or [(low, high)], found {self.padding!r}.')
+          f'StandardizedConv1D.padding: expected one of SAME, SAME_LOWER, VALID, CAUSAL, '
+          f'CIRCULAR, REFLECT, an int or [(low, high)], found {self.padding!r}.'
+        )
 
     in_features = x.shape[-1]
     if in_features % self.feature_group_count:
       raise ValueError(
-          f'StandardizedConv1D.feature_group_count: input features {in_features} are not '
-          f'divisible by feature_group_count={self.feature_group_count}.')
+        f'StandardizedConv1D.feature_group_count: input features {in_features} are not '
+        f'divisible by feature_group_count={self.feature_group_count}.'
+      )
     kernel_shape = kernel_size + (in_features // self.feature_group_count, self.features)
     kernel = self.param('kernel', self.kernel_init, kernel_shape, self.param_dtype)
-    scale = (self.param('scale', self.scale_init, (self.features,), self.param_dtype)
-             if self.use_scale else None)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    scale = self.param('scale', self.scale_init, (self.features,), self.param_dtype) if self.use_scale else None
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
 
     w = self.standardized_kernel(kernel, scale)
     x, w, bias = self.promote_dtype(x, w, bias, dtype=self.dtype)
@@ -397,14 +436,15 @@ class StandardizedConv1D(nn.Conv):
     else:
       conv = jax.lax.conv_general_dilated
     y = conv(
-        x, w,
-        window_strides=strides,
-        padding=padding,
-        lhs_dilation=input_dilation,
-        rhs_dilation=kernel_dilation,
-        dimension_numbers=('NWC', 'WIO', 'NWC'),
-        feature_group_count=self.feature_group_count,
-        precision=self.precision,
+      x,
+      w,
+      window_strides=strides,
+      padding=padding,
+      lhs_dilation=input_dilation,
+      rhs_dilation=kernel_dilation,
+      dimension_numbers=('NWC', 'WIO', 'NWC'),
+      feature_group_count=self.feature_group_count,
+      precision=self.precision,
     )
     if bias is not None:
       y = y + bias
@@ -428,14 +468,11 @@ class DownBlock(nn.Module):
   def __call__(self, x: Array) -> Array:
     if self.pool > 1:
       x = nn.max_pool(x, (self.pool,), strides=(self.pool,))
-    kw = dict(kernel_size=(self.kernel_size,), padding='SAME', dtype=self.dtype,
-              param_dtype=self.param_dtype)
+    kw = dict(kernel_size=(self.kernel_size,), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype)
     norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = StandardizedConv1D(self.features, name='conv1', **kw)(
-        nn.gelu(nn.RMSNorm(name='norm1', **norm)(x)))
+    h = StandardizedConv1D(self.features, name='conv1', **kw)(nn.gelu(nn.RMSNorm(name='norm1', **norm)(x)))
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, self.features - x.shape[-1])]) + h
-    h = StandardizedConv1D(self.features, name='conv2', **kw)(
-        nn.gelu(nn.RMSNorm(name='norm2', **norm)(x)))
+    h = StandardizedConv1D(self.features, name='conv2', **kw)(nn.gelu(nn.RMSNorm(name='norm2', **norm)(x)))
     return x + h
 
 
@@ -449,11 +486,13 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     c = self.config
-    x = nn.Conv(c.stem_channels, (c.stem_kernel,), padding='SAME', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='stem')(x)
+    x = nn.Conv(
+      c.stem_channels, (c.stem_kernel,), padding='SAME', dtype=self.dtype, param_dtype=self.param_dtype, name='stem'
+    )(x)
     for i, (features, pool) in enumerate(zip(c.down_channels, c.down_pools)):
-      x = DownBlock(features, pool, c.conv_kernel, dtype=self.dtype,
-                    param_dtype=self.param_dtype, name=f'down_blocks_{i}')(x)
+      x = DownBlock(
+        features, pool, c.conv_kernel, dtype=self.dtype, param_dtype=self.param_dtype, name=f'down_blocks_{i}'
+      )(x)
     return x
 
 
@@ -582,9 +621,10 @@ class Heads(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> dict[str, Array]:
     return {
-        name: Head(spec['modality'], spec['num_tracks'], self.hidden, dtype=self.dtype,
-                   param_dtype=self.param_dtype, name=name)(x)
-        for name, spec in self.specs.items()
+      name: Head(
+        spec['modality'], spec['num_tracks'], self.hidden, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+      )(x)
+      for name, spec in self.specs.items()
     }
 
 
@@ -628,8 +668,10 @@ class Seq2Func(nn.Module):
 
   def __post_init__(self):
     if not isinstance(self.config, Seq2FuncConfig):
-      raise TypeError(f'Seq2Func.config: expected a Seq2FuncConfig, found '
-                      f'{type(self.config).__name__}. Fix: Seq2Func(Seq2FuncConfig.tiny()).')
+      raise TypeError(
+        f'Seq2Func.config: expected a Seq2FuncConfig, found '
+        f'{type(self.config).__name__}. Fix: Seq2Func(Seq2FuncConfig.tiny()).'
+      )
     # Stored normalized and hashable; `clone(heads=...)` goes through here again.
     object.__setattr__(self, 'heads', normalize_heads(self.heads))
     super().__post_init__()
@@ -642,22 +684,26 @@ class Seq2Func(nn.Module):
 
   def _check_input(self, dna):
     if not hasattr(dna, 'shape') or not hasattr(dna, 'dtype'):
-      raise TypeError(f'Seq2Func input: expected an array (batch, length, 4), found '
-                      f'{type(dna).__name__}.')
+      raise TypeError(f'Seq2Func input: expected an array (batch, length, 4), found {type(dna).__name__}.')
     if dna.ndim != 3 or dna.shape[-1] != 4:
-      raise ValueError(f'Seq2Func input: expected one-hot DNA of shape (batch, length, 4), found '
-                       f'shape {tuple(dna.shape)}. Fix: add a batch axis / one-hot encode '
-                       '(flax_adapters.genomics.data.one_hot).')
+      raise ValueError(
+        f'Seq2Func input: expected one-hot DNA of shape (batch, length, 4), found '
+        f'shape {tuple(dna.shape)}. Fix: add a batch axis / one-hot encode '
+        '(flax_adapters.genomics.data.one_hot).'
+      )
     if not jnp.issubdtype(dna.dtype, jnp.floating):
-      raise TypeError(f'Seq2Func input: expected a floating one-hot array, found dtype '
-                      f'{dna.dtype}. Fix: jax.nn.one_hot(tokens, 4) or x.astype(jnp.float32).')
-    multiple = self.config.bin_size * max(
-        [MODALITY_POOL[s['modality']] for s in self.heads.values()] + [1])
+      raise TypeError(
+        f'Seq2Func input: expected a floating one-hot array, found dtype '
+        f'{dna.dtype}. Fix: jax.nn.one_hot(tokens, 4) or x.astype(jnp.float32).'
+      )
+    multiple = self.config.bin_size * max([MODALITY_POOL[s['modality']] for s in self.heads.values()] + [1])
     if dna.shape[1] % multiple:
-      raise ValueError(f'Seq2Func input: expected a length that is a multiple of {multiple} (the '
-                       f'largest head bin size), found length {dna.shape[1]}. Fix: crop or pad '
-                       f'to {dna.shape[1] // multiple * multiple} or '
-                       f'{-(-dna.shape[1] // multiple) * multiple}.')
+      raise ValueError(
+        f'Seq2Func input: expected a length that is a multiple of {multiple} (the '
+        f'largest head bin size), found length {dna.shape[1]}. Fix: crop or pad '
+        f'to {dna.shape[1] // multiple * multiple} or '
+        f'{-(-dna.shape[1] // multiple) * multiple}.'
+      )
 
   def embed(self, dna: Array) -> Array:
     """Tower output `(batch, length // config.bin_size, config.width)`."""
@@ -681,5 +727,4 @@ class Seq2Func(nn.Module):
   def output_shapes(self, batch: int = 1, seq_len: int | None = None) -> dict[str, tuple]:
     """Shape of each head's predictions for inputs `(batch, seq_len, 4)`."""
     seq_len = self.config.seq_len if seq_len is None else seq_len
-    return {name: (batch, seq_len // b, self.heads[name]['num_tracks'])
-            for name, b in self.bin_sizes().items()}
+    return {name: (batch, seq_len // b, self.heads[name]['num_tracks']) for name, b in self.bin_sizes().items()}

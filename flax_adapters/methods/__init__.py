@@ -12,11 +12,11 @@ from flax_adapters.methods.locon import Locon
 from flax_adapters.methods.lora import LoRA
 
 REGISTRY: dict[str, type[Method]] = {
-    'ia3_ff': IA3FF,
-    'lora': LoRA,
-    'locon': Locon,
-    'ia3': IA3,
-    'houlsby': Houlsby,
+  'ia3_ff': IA3FF,
+  'lora': LoRA,
+  'locon': Locon,
+  'ia3': IA3,
+  'houlsby': Houlsby,
 }
 ORDER = {name: i for i, name in enumerate(REGISTRY)}
 LEAF_NAMES = frozenset(name for cls in REGISTRY.values() for name in cls.leaf_names)
@@ -38,5 +38,17 @@ def from_json(d: dict) -> Method:
   return cls(**d)
 
 
-__all__ = ['REGISTRY', 'LEAF_NAMES', 'AdapterError', 'Method', 'LoRA', 'Locon', 'IA3', 'IA3FF', 'Houlsby',
-           'sort_methods', 'fold_order', 'from_json']
+__all__ = [
+  'IA3',
+  'IA3FF',
+  'LEAF_NAMES',
+  'REGISTRY',
+  'AdapterError',
+  'Houlsby',
+  'LoRA',
+  'Locon',
+  'Method',
+  'fold_order',
+  'from_json',
+  'sort_methods',
+]

@@ -54,8 +54,15 @@ class Method:
   def init(self, rng: Array, site: Site, dtype) -> dict[str, Array]:
     raise NotImplementedError
 
-  def apply(self, site: Site, leaves: Mapping[str, Array], x: Array, y: Array | None, call: Contraction,
-            rng: Array | None = None) -> Array:
+  def apply(
+    self,
+    site: Site,
+    leaves: Mapping[str, Array],
+    x: Array,
+    y: Array | None,
+    call: Contraction,
+    rng: Array | None = None,
+  ) -> Array:
     raise NotImplementedError
 
   @property
@@ -63,7 +70,9 @@ class Method:
     """Whether `apply` draws randomness (dropout) when the caller provides the rng stream."""
     return False
 
-  def fold(self, site: Site, leaves: Mapping[str, Array], module_params: Mapping[str, Array]) -> dict[str, Array] | None:
+  def fold(
+    self, site: Site, leaves: Mapping[str, Array], module_params: Mapping[str, Array]
+  ) -> dict[str, Array] | None:
     return None
 
   def count(self, site: Site) -> int:
@@ -84,9 +93,9 @@ def require_kernel_letters(method: str, site: Site) -> None:
   """Linear-algebra adapters need every kernel axis to be an input or an output feature axis."""
   if site.unsupported_letters:
     raise AdapterError(
-        f'{method} cannot adapt {site.describe()}: kernel axes {site.unsupported_letters!r} of '
-        f'{site.kernel!r} are neither contracted with the input nor output features (e.g. an '
-        'Einsum batch axis, or DenseGeneral batch_dims). Target a different layer.'
+      f'{method} cannot adapt {site.describe()}: kernel axes {site.unsupported_letters!r} of '
+      f'{site.kernel!r} are neither contracted with the input nor output features (e.g. an '
+      'Einsum batch axis, or DenseGeneral batch_dims). Target a different layer.'
     )
 
 

@@ -48,21 +48,23 @@ class Houlsby(Method):
     if self.placement == 'block':
       if site.kind != 'block':
         raise AdapterError(
-            f"Houlsby at placement 'block' wraps sub-blocks (modules such as 'mha' or 'mlp'), but "
-            f"{site.describe()} is a single layer. Use houlsby_placement='linear' to wrap layers."
+          f"Houlsby at placement 'block' wraps sub-blocks (modules such as 'mha' or 'mlp'), but "
+          f"{site.describe()} is a single layer. Use houlsby_placement='linear' to wrap layers."
         )
     elif site.kind not in LINEAR_KINDS or site.kernel_shape is None:
       raise AdapterError(
-          f"Houlsby at placement 'linear' wraps linear layers, but {site.describe()} is not one. "
-          "Use houlsby_placement='block' to wrap sub-blocks."
+        f"Houlsby at placement 'linear' wraps linear layers, but {site.describe()} is not one. "
+        "Use houlsby_placement='block' to wrap sub-blocks."
       )
     if not site.feature_out:
       raise AdapterError(
-          f'Houlsby needs {site.describe()} to return one array whose last axis is the feature '
-          f"axis; it returns {site.option('output')}."
+        f'Houlsby needs {site.describe()} to return one array whose last axis is the feature '
+        f'axis; it returns {site.option("output")}.'
       )
     if site.unsupported_letters:
-      raise AdapterError(f'Houlsby cannot wrap {site.describe()}: its kernel has batch axes {site.unsupported_letters!r}.')
+      raise AdapterError(
+        f'Houlsby cannot wrap {site.describe()}: its kernel has batch axes {site.unsupported_letters!r}.'
+      )
 
   def layout(self, site):
     f = site.feature_out
@@ -71,10 +73,10 @@ class Houlsby(Method):
   def shapes(self, site):
     feat = site.size(site.feature_out)
     return {
-        'houlsby_down': feat + (self.latent_dim,),
-        'houlsby_down_bias': (self.latent_dim,),
-        'houlsby_up': (self.latent_dim,) + feat,
-        'houlsby_up_bias': feat,
+      'houlsby_down': feat + (self.latent_dim,),
+      'houlsby_down_bias': (self.latent_dim,),
+      'houlsby_up': (self.latent_dim,) + feat,
+      'houlsby_up_bias': feat,
     }
 
   def init(self, rng, site, dtype):
@@ -87,10 +89,10 @@ class Houlsby(Method):
       down = kaiming_uniform(k_down, shapes['houlsby_down'], int(np.prod(site.size(site.feature_out))), dtype)
       up = jnp.zeros(shapes['houlsby_up'], dtype)
     return {
-        'houlsby_down': down,
-        'houlsby_down_bias': jnp.zeros(shapes['houlsby_down_bias'], dtype),
-        'houlsby_up': up,
-        'houlsby_up_bias': jnp.zeros(shapes['houlsby_up_bias'], dtype),
+      'houlsby_down': down,
+      'houlsby_down_bias': jnp.zeros(shapes['houlsby_down_bias'], dtype),
+      'houlsby_up': up,
+      'houlsby_up_bias': jnp.zeros(shapes['houlsby_up_bias'], dtype),
     }
 
   def apply(self, site, leaves, x, y, call, rng=None):

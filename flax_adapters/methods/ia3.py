@@ -20,8 +20,8 @@ _KINDS = LINEAR_KINDS + ('conv',)
 def _check(method: str, site: Site) -> None:
   if site.kind not in _KINDS or site.kernel_shape is None:
     raise AdapterError(
-        f'{method} scales the features of linear or conv layers, but {site.describe()} is neither. '
-        'Narrow the target to the layer itself (e.g. \'mha.k_proj\').'
+      f'{method} scales the features of linear or conv layers, but {site.describe()} is neither. '
+      "Narrow the target to the layer itself (e.g. 'mha.k_proj')."
     )
   if site.kind != 'conv':
     require_kernel_letters(method, site)
@@ -90,8 +90,8 @@ class IA3FF(Method):
     _check('IA3_FF', site)
     if site.kind == 'conv' and (site.option('feature_group_count') or 1) != 1:
       raise AdapterError(
-          f'IA3_FF cannot scale the inputs of grouped convolution {site.describe()} '
-          f"(feature_group_count={site.option('feature_group_count')}); use IA3 on its outputs."
+        f'IA3_FF cannot scale the inputs of grouped convolution {site.describe()} '
+        f'(feature_group_count={site.option("feature_group_count")}); use IA3 on its outputs.'
       )
 
   def layout(self, site):

@@ -60,23 +60,27 @@ class Locon(Method):
 
   def check(self, site: Site) -> None:
     if site.kind != 'conv' or site.kernel_shape is None:
-      hint = " Use 'lora' with `lora_targets` for linear layers." if site.kind in ('dense', 'dense_general', 'einsum') else ''
+      hint = (
+        " Use 'lora' with `lora_targets` for linear layers."
+        if site.kind in ('dense', 'dense_general', 'einsum')
+        else ''
+      )
       raise AdapterError(
-          f'Locon adapts convolutions (nn.Conv and its subclasses), but {site.describe()} is not one.{hint}'
+        f'Locon adapts convolutions (nn.Conv and its subclasses), but {site.describe()} is not one.{hint}'
       )
     groups = site.option('feature_group_count') or 1
     if groups != 1:
       raise AdapterError(
-          f'Locon cannot adapt grouped convolution {site.describe()} (feature_group_count={groups}): '
-          'its low-rank down conv would mix channels across groups. Leave it out of `locon_targets`.'
+        f'Locon cannot adapt grouped convolution {site.describe()} (feature_group_count={groups}): '
+        'its low-rank down conv would mix channels across groups. Leave it out of `locon_targets`.'
       )
     in_size = int(np.prod(site.kernel_shape[:-1]))
     out = site.kernel_shape[-1]
     if self.rank > min(in_size, out):
       raise AdapterError(
-          f'`locon_rank`={self.rank} is larger than {site.describe()} allows: kernel '
-          f'{site.kernel_shape} has {in_size} inputs per output and {out} outputs, so the rank can '
-          f'be at most {min(in_size, out)}. Lower `locon_rank`.'
+        f'`locon_rank`={self.rank} is larger than {site.describe()} allows: kernel '
+        f'{site.kernel_shape} has {in_size} inputs per output and {out} outputs, so the rank can '
+        f'be at most {min(in_size, out)}. Lower `locon_rank`.'
       )
 
   def layout(self, site: Site) -> dict[str, str]:
@@ -86,16 +90,16 @@ class Locon(Method):
   def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
     *spatial, c_in, c_out = site.kernel_shape
     return {
-        'locon_down': (*spatial, c_in, self.rank),
-        'locon_up': (1,) * len(spatial) + (self.rank, c_out),
+      'locon_down': (*spatial, c_in, self.rank),
+      'locon_up': (1,) * len(spatial) + (self.rank, c_out),
     }
 
   def init(self, rng, site, dtype):
     shapes = self.shapes(site)
     fan_in = int(np.prod(site.kernel_shape[:-1]))
     return {
-        'locon_down': kaiming_uniform(rng, shapes['locon_down'], fan_in, dtype),
-        'locon_up': jnp.zeros(shapes['locon_up'], dtype),
+      'locon_down': kaiming_uniform(rng, shapes['locon_down'], fan_in, dtype),
+      'locon_up': jnp.zeros(shapes['locon_up'], dtype),
     }
 
   def _down_conv(self, site: Site, dtype) -> nn.Conv:
@@ -115,7 +119,7 @@ class Locon(Method):
     down = leaves['locon_down'].astype(dtype)
     up = leaves['locon_up'].reshape(self.rank, -1).astype(dtype)
     return jnp.einsum(f'...I{RANK},{RANK}O->...IO', down, up, precision=jax.lax.Precision.HIGHEST) * jnp.asarray(
-        self.scale, dtype
+      self.scale, dtype
     )
 
   def fold(self, site, leaves, module_params):

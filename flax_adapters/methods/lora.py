@@ -68,14 +68,14 @@ class LoRA(Method):
   def check(self, site: Site) -> None:
     if site.kind in ('conv', 'conv_other'):
       raise AdapterError(
-          f'LoRA targets linear layers, but {site.describe()} is a convolution; adapt convolutions '
-          "with Locon: add 'locon' to mode and this layer to `locon_targets`."
+        f'LoRA targets linear layers, but {site.describe()} is a convolution; adapt convolutions '
+        "with Locon: add 'locon' to mode and this layer to `locon_targets`."
       )
     if site.kind not in LINEAR_KINDS or site.kernel_shape is None:
       raise AdapterError(
-          f'LoRA needs a linear layer (Dense, DenseGeneral, Einsum), but {site.describe()} is not '
-          "one. Narrow the target (e.g. 'mha.q_proj'), or declare `adapter_kind = 'dense'` on a "
-          'custom linear module.'
+        f'LoRA needs a linear layer (Dense, DenseGeneral, Einsum), but {site.describe()} is not '
+        "one. Narrow the target (e.g. 'mha.q_proj'), or declare `adapter_kind = 'dense'` on a "
+        'custom linear module.'
       )
     require_kernel_letters('LoRA', site)
     fan_in = int(np.prod(site.size(site.feature_in)))
@@ -84,9 +84,9 @@ class LoRA(Method):
       raise AdapterError(f'`lora_dropout` must be in [0, 1), found {self.dropout!r}.')
     if self.rank > min(fan_in, fan_out):
       raise AdapterError(
-          f'`lora_rank`={self.rank} is larger than {site.describe()} allows: its kernel '
-          f'{site.kernel_shape} maps {fan_in} inputs to {fan_out} outputs, so the rank can be at '
-          f'most {min(fan_in, fan_out)}. Lower `lora_rank`.'
+        f'`lora_rank`={self.rank} is larger than {site.describe()} allows: its kernel '
+        f'{site.kernel_shape} maps {fan_in} inputs to {fan_out} outputs, so the rank can be at '
+        f'most {min(fan_in, fan_out)}. Lower `lora_rank`.'
       )
 
   def layout(self, site: Site) -> dict[str, str]:
@@ -94,16 +94,16 @@ class LoRA(Method):
 
   def shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
     return {
-        'lora_a': site.size(site.feature_in) + (self.rank,),
-        'lora_b': (self.rank,) + site.size(site.feature_out),
+      'lora_a': site.size(site.feature_in) + (self.rank,),
+      'lora_b': (self.rank,) + site.size(site.feature_out),
     }
 
   def init(self, rng, site: Site, dtype) -> dict[str, jax.Array]:
     shapes = self.shapes(site)
     fan_in = int(np.prod(site.size(site.feature_in)))
     return {
-        'lora_a': kaiming_uniform(rng, shapes['lora_a'], fan_in, dtype),
-        'lora_b': jnp.zeros(shapes['lora_b'], dtype),
+      'lora_a': kaiming_uniform(rng, shapes['lora_a'], fan_in, dtype),
+      'lora_b': jnp.zeros(shapes['lora_b'], dtype),
     }
 
   def apply(self, site: Site, leaves: Mapping[str, jax.Array], x, y, call: Contraction, rng=None):
@@ -115,8 +115,7 @@ class LoRA(Method):
     rest = ''.join(c for c in call.x if c not in kin)
     # Factored: (x·A) is only r wide; the scale is applied there, where it is cheapest.
     specs = (call.x, f'{kin}{RANK}', f'{rest}{RANK}', f'{RANK}{kout}', call.y)
-    return y + _factored(specs, self.scale, x.astype(dt), leaves['lora_a'].astype(dt),
-                         leaves['lora_b'].astype(dt))
+    return y + _factored(specs, self.scale, x.astype(dt), leaves['lora_a'].astype(dt), leaves['lora_b'].astype(dt))
 
   def delta(self, site: Site, leaves: Mapping[str, jax.Array], dtype) -> jax.Array:
     """The weight delta `scale · A·B`, laid out like the kernel."""

@@ -9,7 +9,13 @@ from flax_adapters.models.gpt2 import GPT2Config, GPT2LMHeadModel, GPT2Model
 from flax_adapters.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 __all__ = [
-    'BertConfig', 'BertModel', 'BertOutput',
-    'GPT2Config', 'GPT2LMHeadModel', 'GPT2Model',
-    'LlamaConfig', 'LlamaForCausalLM', 'LlamaModel',
+  'BertConfig',
+  'BertModel',
+  'BertOutput',
+  'GPT2Config',
+  'GPT2LMHeadModel',
+  'GPT2Model',
+  'LlamaConfig',
+  'LlamaForCausalLM',
+  'LlamaModel',
 ]

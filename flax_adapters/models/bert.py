@@ -46,8 +46,15 @@ class BertConfig:
 
   def __post_init__(self):
     hf_config.check_positive(
-        self, 'vocab_size', 'hidden_size', 'num_hidden_layers', 'num_attention_heads',
-        'intermediate_size', 'max_position_embeddings', 'type_vocab_size')
+      self,
+      'vocab_size',
+      'hidden_size',
+      'num_hidden_layers',
+      'num_attention_heads',
+      'intermediate_size',
+      'max_position_embeddings',
+      'type_vocab_size',
+    )
     hf_config.check_divides(self, 'hidden_size', 'num_attention_heads')
     hf_config.check_probability(self, 'hidden_dropout_prob', 'attention_probs_dropout_prob')
     activation(self.hidden_act)
@@ -60,8 +67,9 @@ class BertConfig:
   def from_hf(cls, config: Any, **overrides: Any) -> BertConfig:
     """From an HF BERT `config.json` dict (or `PretrainedConfig`); `overrides` replace fields."""
     hf = hf_config.as_dict(config, argument='config')
-    hf_config.refuse(hf, 'position_embedding_type', (None, 'absolute'),
-                     'only absolute learned positions are implemented')
+    hf_config.refuse(
+      hf, 'position_embedding_type', (None, 'absolute'), 'only absolute learned positions are implemented'
+    )
     hf_config.refuse(hf, 'is_decoder', (False,), 'this is the bidirectional BertModel encoder')
     hf_config.refuse(hf, 'add_cross_attention', (False,), 'cross-attention is not implemented')
     return cls(**{**hf_config.known_fields(cls, hf, 'bert'), **overrides})
@@ -79,8 +87,9 @@ class BertOutput(NamedTuple):
 
 
 def _layer_norm(cfg: BertConfig, dtype, param_dtype):
-  return nn.LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype,
-                      param_dtype=param_dtype, name='LayerNorm')
+  return nn.LayerNorm(
+    cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name='LayerNorm'
+  )
 
 
 class BertEmbeddings(nn.Module):
@@ -91,11 +100,12 @@ class BertEmbeddings(nn.Module):
   @nn.compact
   def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    embed = lambda n, name: nn.Embed(
-        n, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), name=name, **kw)
-    x = (embed(cfg.vocab_size, 'word_embeddings')(input_ids)
-         + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
-         + embed(cfg.max_position_embeddings, 'position_embeddings')(position_ids))
+    embed = lambda n, name: nn.Embed(n, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), name=name, **kw)
+    x = (
+      embed(cfg.vocab_size, 'word_embeddings')(input_ids)
+      + embed(cfg.type_vocab_size, 'token_type_embeddings')(token_type_ids)
+      + embed(cfg.max_position_embeddings, 'position_embeddings')(position_ids)
+    )
     x = _layer_norm(cfg, **kw)(x)
     return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
@@ -109,14 +119,20 @@ class BertSelfAttention(nn.Module):
   def __call__(self, x, mask, deterministic: bool):
     cfg = self.config
     batch, length, _ = x.shape
-    project = lambda name: nn.Dense(
-        cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x).reshape(
-            batch, length, cfg.num_attention_heads, cfg.head_dim)
+    project = lambda name: nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name=name)(
+      x
+    ).reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
     rate = cfg.attention_probs_dropout_prob
     use_dropout = not deterministic and rate > 0
     y = dot_product_attention(
-        project('query'), project('key'), project('value'), scale=cfg.head_dim ** -0.5, mask=mask,
-        dropout_rate=rate, dropout_rng=self.make_rng('dropout') if use_dropout else None)
+      project('query'),
+      project('key'),
+      project('value'),
+      scale=cfg.head_dim**-0.5,
+      mask=mask,
+      dropout_rate=rate,
+      dropout_rng=self.make_rng('dropout') if use_dropout else None,
+    )
     return y.reshape(batch, length, cfg.hidden_size)
 
 
@@ -221,8 +237,9 @@ class BertModel(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *,
-               deterministic: bool = True) -> BertOutput:
+  def __call__(
+    self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, deterministic: bool = True
+  ) -> BertOutput:
     """Encode `input_ids` `[batch, length]`.
 
     Args:
@@ -240,8 +257,7 @@ class BertModel(nn.Module):
       token_type_ids = jnp.zeros_like(input_ids)
     if position_ids is None:
       position_ids = jnp.arange(input_ids.shape[-1])[None]
-    x = BertEmbeddings(self.config, name='embeddings', **kw)(
-        input_ids, token_type_ids, position_ids, deterministic)
+    x = BertEmbeddings(self.config, name='embeddings', **kw)(input_ids, token_type_ids, position_ids, deterministic)
     x = BertEncoder(self.config, name='encoder', **kw)(x, padding_mask(attention_mask), deterministic)
     pooled = BertPooler(self.config, name='pooler', **kw)(x) if self.config.add_pooling_layer else None
     return BertOutput(x, pooled)

@@ -17,7 +17,13 @@ import jax.numpy as jnp
 
 from flax_adapters.models import hf_config
 from flax_adapters.models.layers import (
-    Dtype, activation, cross_entropy, dot_product_attention, padding_mask, tied_head_cross_entropy)
+  Dtype,
+  activation,
+  cross_entropy,
+  dot_product_attention,
+  padding_mask,
+  tied_head_cross_entropy,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,19 +191,25 @@ class GPT2Attention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
     cfg = self.config
-    dense = lambda features, name: Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    dense = lambda features, name: Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     batch, length, _ = x.shape
     qkv = dense(3 * cfg.n_embd, 'c_attn')(x)
     qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
-    scale = cfg.head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+    scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
     if cfg.scale_attn_by_inverse_layer_idx:
       scale /= float(self.layer_idx + 1)
     if not deterministic and cfg.attn_pdrop > 0:
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
       y = dot_product_attention(
-          q, k, v, scale=scale, mask=mask, is_causal=True,
-          dropout_rate=cfg.attn_pdrop, dropout_rng=self.make_rng('dropout'))
+        q,
+        k,
+        v,
+        scale=scale,
+        mask=mask,
+        is_causal=True,
+        dropout_rate=cfg.attn_pdrop,
+        dropout_rng=self.make_rng('dropout'),
+      )
     else:
       y = jnp.transpose(_causal_attention(qkv, mask, float(scale)), (0, 2, 1, 3))
     y = dense(cfg.n_embd, 'c_proj')(y.reshape(batch, length, cfg.n_embd))
@@ -315,8 +327,7 @@ class GPT2LMHeadModel(nn.Module):
   def setup(self):
     self.transformer = GPT2Model(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     if not self.config.tie_word_embeddings:
-      self.lm_head = nn.Dense(
-          self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+      self.lm_head = nn.Dense(self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
     """Logits `[batch, length, vocab_size]` for `input_ids` `[batch, length]`.
@@ -337,8 +348,7 @@ class GPT2LMHeadModel(nn.Module):
       return _tied_head(h, embedding)
     return self.lm_head(h)
 
-  def loss(self, input_ids, labels=None, attention_mask=None, position_ids=None, *,
-           deterministic: bool = True):
+  def loss(self, input_ids, labels=None, attention_mask=None, position_ids=None, *, deterministic: bool = True):
     """Next-token cross-entropy: HF's `GPT2LMHeadModel(input_ids, labels=labels).loss`.
 
     Position t predicts `labels[:, t + 1]`; the mean runs over the predicted labels that are not

@@ -19,8 +19,7 @@ def as_dict(hf_config: Any, *, argument: str = 'hf_config') -> dict[str, Any]:
   if callable(to_dict):
     return dict(to_dict())
   raise TypeError(
-      f'{argument} must be a dict read from config.json (or an object with .to_dict()), '
-      f'got {type(hf_config).__name__}.'
+    f'{argument} must be a dict read from config.json (or an object with .to_dict()), got {type(hf_config).__name__}.'
   )
 
 
@@ -33,8 +32,8 @@ def known_fields(cls: type, hf: Mapping[str, Any], model_type: str) -> dict[str,
   found = hf.get('model_type', model_type)
   if found != model_type:
     raise ValueError(
-        f"config model_type is {found!r}, but {cls.__name__} reads {model_type!r} configs; "
-        f'use the config class of the {found!r} family.'
+      f'config model_type is {found!r}, but {cls.__name__} reads {model_type!r} configs; '
+      f'use the config class of the {found!r} family.'
     )
   names = {f.name for f in dataclasses.fields(cls)}
   return {k: v for k, v in hf.items() if k in names}
@@ -56,9 +55,7 @@ def check_positive(config: Any, *names: str) -> None:
 def check_divides(config: Any, numerator: str, denominator: str) -> None:
   n, d = getattr(config, numerator), getattr(config, denominator)
   if n % d:
-    raise ValueError(
-        f'{type(config).__name__}.{numerator}={n} must be divisible by {denominator}={d}.'
-    )
+    raise ValueError(f'{type(config).__name__}.{numerator}={n} must be divisible by {denominator}={d}.')
 
 
 def check_probability(config: Any, *names: str) -> None:

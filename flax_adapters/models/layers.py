@@ -25,14 +25,14 @@ def _gelu_tanh(x):
 
 # Names as `transformers.activations.ACT2FN` spells them.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu': _gelu_exact,
-    'gelu_new': _gelu_tanh,
-    'gelu_pytorch_tanh': _gelu_tanh,
-    'gelu_fast': _gelu_tanh,
-    'relu': jax.nn.relu,
-    'silu': jax.nn.silu,
-    'swish': jax.nn.silu,
-    'tanh': jnp.tanh,
+  'gelu': _gelu_exact,
+  'gelu_new': _gelu_tanh,
+  'gelu_pytorch_tanh': _gelu_tanh,
+  'gelu_fast': _gelu_tanh,
+  'relu': jax.nn.relu,
+  'silu': jax.nn.silu,
+  'swish': jax.nn.silu,
+  'tanh': jnp.tanh,
 }
 
 
@@ -47,8 +47,8 @@ def activation(name: str, *, field: str = 'hidden_act') -> Callable[[jax.Array],
     return ACTIVATIONS[name]
   except KeyError:
     raise ValueError(
-        f'{field}={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}. '
-        'Add it to flax_adapters.models.layers.ACTIVATIONS if it is a pointwise function.'
+      f'{field}={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}. '
+      'Add it to flax_adapters.models.layers.ACTIVATIONS if it is a pointwise function.'
     ) from None
 
 
@@ -158,8 +158,7 @@ def _head_ce_chunks(h, embedding, labels, weights, want_de: bool):
     weights = jnp.pad(weights, (0, pad))
 
   def chunk(hc, lc, wc):
-    logits = jax.lax.dot_general(hc, embedding, (((1,), (1,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+    logits = jax.lax.dot_general(hc, embedding, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     m = jnp.max(logits, axis=-1, keepdims=True)
     e = jnp.exp(logits - m)
     s = jnp.sum(e, axis=-1, keepdims=True)
@@ -168,12 +167,10 @@ def _head_ce_chunks(h, embedding, labels, weights, want_de: bool):
     loss = jnp.sum(wc * (m[:, 0] + jnp.log(s[:, 0]) - picked))
     # d loss / d logits = w · (softmax - onehot), known here since the loss is the output.
     dlogits = ((e * (wc[:, None] / s)) - jnp.where(onehot, wc[:, None], 0.0)).astype(h.dtype)
-    dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+    dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     de = None
     if want_de:
-      de = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+      de = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return loss, dh, de
 
   if n_chunks == 1:
@@ -193,7 +190,7 @@ def _tied_head_ce_fwd(h, embedding, labels, weights):
   # symbolic_zeros: `.perturbed` says whether a gradient is wanted (a frozen embedding: no).
   want_de = embedding.perturbed
   loss, dh, de = _head_ce_chunks(h.value, embedding.value, labels.value, weights.value, want_de)
-  dh = dh[:h.value.shape[0]].astype(h.value.dtype)
+  dh = dh[: h.value.shape[0]].astype(h.value.dtype)
   de = None if de is None else de.astype(embedding.value.dtype)
   return loss, (dh, de)
 
@@ -206,8 +203,9 @@ def _tied_head_ce_bwd(residuals, g):
 _tied_head_ce.defvjp(_tied_head_ce_fwd, _tied_head_ce_bwd, symbolic_zeros=True)
 
 
-def tied_head_cross_entropy(h: jax.Array, embedding: jax.Array, labels: jax.Array, *,
-                            ignore_index: int = -100) -> jax.Array:
+def tied_head_cross_entropy(
+  h: jax.Array, embedding: jax.Array, labels: jax.Array, *, ignore_index: int = -100
+) -> jax.Array:
   """`cross_entropy(h · embeddingᵀ, labels)` without ever holding all the logits.
 
   The language-model head and the loss run fused: the logits give the loss terms and, since the
@@ -251,15 +249,15 @@ def padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
 
 
 def dot_product_attention(
-    query: jax.Array,
-    key: jax.Array,
-    value: jax.Array,
-    *,
-    scale: float,
-    mask: jax.Array | None = None,
-    is_causal: bool = False,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  *,
+  scale: float,
+  mask: jax.Array | None = None,
+  is_causal: bool = False,
+  dropout_rate: float = 0.0,
+  dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
   """Multi-head attention over `[batch, len, heads, head_dim]` arrays, grouped-query aware.
 

@@ -66,8 +66,16 @@ class LlamaConfig:
       hf_config.check_positive(self, 'num_attention_heads')
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
     hf_config.check_positive(
-        self, 'vocab_size', 'hidden_size', 'intermediate_size', 'num_hidden_layers',
-        'num_attention_heads', 'num_key_value_heads', 'head_dim', 'max_position_embeddings')
+      self,
+      'vocab_size',
+      'hidden_size',
+      'intermediate_size',
+      'num_hidden_layers',
+      'num_attention_heads',
+      'num_key_value_heads',
+      'head_dim',
+      'max_position_embeddings',
+    )
     hf_config.check_divides(self, 'num_attention_heads', 'num_key_value_heads')
     hf_config.check_probability(self, 'attention_dropout')
     if self.head_dim % 2:
@@ -75,12 +83,19 @@ class LlamaConfig:
     activation(self.hidden_act)
     if self.rope_type not in ROPE_TYPES:
       raise ValueError(
-          f'rope_type={self.rope_type!r} is not implemented; supported: {ROPE_TYPES}. '
-          'Its inverse frequencies would have to be added to flax_adapters.models.llama.inverse_frequencies.'
+        f'rope_type={self.rope_type!r} is not implemented; supported: {ROPE_TYPES}. '
+        'Its inverse frequencies would have to be added to flax_adapters.models.llama.inverse_frequencies.'
       )
-    needed = {'default': (), 'linear': ('rope_factor',), 'llama3': (
-        'rope_factor', 'rope_low_freq_factor', 'rope_high_freq_factor',
-        'rope_original_max_position_embeddings')}[self.rope_type]
+    needed = {
+      'default': (),
+      'linear': ('rope_factor',),
+      'llama3': (
+        'rope_factor',
+        'rope_low_freq_factor',
+        'rope_high_freq_factor',
+        'rope_original_max_position_embeddings',
+      ),
+    }[self.rope_type]
     for name in needed:
       if getattr(self, name) is None:
         raise ValueError(f'rope_type={self.rope_type!r} needs LlamaConfig.{name}, which is None.')
@@ -98,9 +113,12 @@ class LlamaConfig:
     if 'rope_theta' in rope:
       fields['rope_theta'] = rope['rope_theta']
     fields['rope_type'] = rope.get('rope_type', rope.get('type', 'default'))
-    for ours, theirs in (('rope_factor', 'factor'), ('rope_low_freq_factor', 'low_freq_factor'),
-                         ('rope_high_freq_factor', 'high_freq_factor'),
-                         ('rope_original_max_position_embeddings', 'original_max_position_embeddings')):
+    for ours, theirs in (
+      ('rope_factor', 'factor'),
+      ('rope_low_freq_factor', 'low_freq_factor'),
+      ('rope_high_freq_factor', 'high_freq_factor'),
+      ('rope_original_max_position_embeddings', 'original_max_position_embeddings'),
+    ):
       if theirs in rope:
         fields[ours] = rope[theirs]
     partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
@@ -112,9 +130,12 @@ class LlamaConfig:
     """The HF `config.json` dict of this architecture (transformers 5 spelling, `LlamaForCausalLM`)."""
     d = dataclasses.asdict(self)
     rope = {'rope_type': d.pop('rope_type'), 'rope_theta': d.pop('rope_theta')}
-    for ours, theirs in (('rope_factor', 'factor'), ('rope_low_freq_factor', 'low_freq_factor'),
-                         ('rope_high_freq_factor', 'high_freq_factor'),
-                         ('rope_original_max_position_embeddings', 'original_max_position_embeddings')):
+    for ours, theirs in (
+      ('rope_factor', 'factor'),
+      ('rope_low_freq_factor', 'low_freq_factor'),
+      ('rope_high_freq_factor', 'high_freq_factor'),
+      ('rope_original_max_position_embeddings', 'original_max_position_embeddings'),
+    ):
       value = d.pop(ours)
       if value is not None:
         rope[theirs] = value
@@ -170,19 +191,28 @@ class LlamaAttention(nn.Module):
   def __call__(self, x, cos, sin, mask, deterministic: bool):
     cfg = self.config
     dense = lambda features, name: nn.Dense(
-        features, use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      features, use_bias=cfg.attention_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     batch, length, _ = x.shape
     heads = lambda y, n: y.reshape(batch, length, n, cfg.head_dim)
-    q = apply_rotary(heads(dense(cfg.num_attention_heads * cfg.head_dim, 'q_proj')(x),
-                           cfg.num_attention_heads), cos, sin)
-    k = apply_rotary(heads(dense(cfg.num_key_value_heads * cfg.head_dim, 'k_proj')(x),
-                           cfg.num_key_value_heads), cos, sin)
+    q = apply_rotary(
+      heads(dense(cfg.num_attention_heads * cfg.head_dim, 'q_proj')(x), cfg.num_attention_heads), cos, sin
+    )
+    k = apply_rotary(
+      heads(dense(cfg.num_key_value_heads * cfg.head_dim, 'k_proj')(x), cfg.num_key_value_heads), cos, sin
+    )
     v = heads(dense(cfg.num_key_value_heads * cfg.head_dim, 'v_proj')(x), cfg.num_key_value_heads)
     use_dropout = not deterministic and cfg.attention_dropout > 0
     y = dot_product_attention(
-        q, k, v, scale=cfg.head_dim ** -0.5, mask=mask, is_causal=True,
-        dropout_rate=cfg.attention_dropout,
-        dropout_rng=self.make_rng('dropout') if use_dropout else None)
+      q,
+      k,
+      v,
+      scale=cfg.head_dim**-0.5,
+      mask=mask,
+      is_causal=True,
+      dropout_rate=cfg.attention_dropout,
+      dropout_rng=self.make_rng('dropout') if use_dropout else None,
+    )
     return dense(cfg.hidden_size, 'o_proj')(y.reshape(batch, length, -1))
 
 
@@ -195,7 +225,8 @@ class LlamaMLP(nn.Module):
   def __call__(self, x):
     cfg = self.config
     dense = lambda features, name: nn.Dense(
-        features, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+      features, use_bias=cfg.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name
+    )
     gate = activation(cfg.hidden_act)(dense(cfg.intermediate_size, 'gate_proj')(x))
     return dense(cfg.hidden_size, 'down_proj')(gate * dense(cfg.intermediate_size, 'up_proj')(x))
 
@@ -226,8 +257,7 @@ class LlamaModel(nn.Module):
 
   def setup(self):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    self.embed_tokens = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw)
+    self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.initializers.normal(0.02), **kw)
     self.layers = [LlamaDecoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)]
     self.norm = RMSNorm(cfg.rms_norm_eps, **kw)
 
@@ -274,8 +304,12 @@ class LlamaForCausalLM(nn.Module):
     self.model = LlamaModel(self.config, dtype=self.dtype, param_dtype=self.param_dtype)
     if not self.config.tie_word_embeddings:
       self.lm_head = nn.Dense(
-          self.config.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=nn.initializers.normal(0.02))
+        self.config.vocab_size,
+        use_bias=False,
+        dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+      )
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
     """Logits `[batch, length, vocab_size]` for `input_ids` `[batch, length]`.

@@ -14,12 +14,12 @@ from conversion import get_family, load_pretrained
 from conversion.state_dict import load_state_dict
 
 SENTENCES = [
-    'A man is eating food.',
-    'The quick brown fox jumps over the lazy dog near the riverbank at dawn.',
-    'Hi!',
-    'Transfer learning with adapters trains a few parameters and freezes the rest of the network.',
-    'Sentence embeddings are compared with cosine similarity.',
-    'JAX and PyTorch should agree.',
+  'A man is eating food.',
+  'The quick brown fox jumps over the lazy dog near the riverbank at dawn.',
+  'Hi!',
+  'Transfer learning with adapters trains a few parameters and freezes the rest of the network.',
+  'Sentence embeddings are compared with cosine similarity.',
+  'JAX and PyTorch should agree.',
 ]
 TOL = 1e-4
 
@@ -60,8 +60,7 @@ def test_batch_has_padding(batch):
 def test_sentence_embeddings_match_transformers(flax_minilm, batch, torch_model):
   apply, params, config = flax_minilm
   assert config.hidden_size == 384 and config.num_hidden_layers == 6
-  out = apply({'params': params}, *(jnp.asarray(batch[k]) for k in
-                                          ('input_ids', 'attention_mask', 'token_type_ids')))
+  out = apply({'params': params}, *(jnp.asarray(batch[k]) for k in ('input_ids', 'attention_mask', 'token_type_ids')))
   with torch.no_grad():
     ref = torch_model(**{k: torch.from_numpy(v) for k, v in batch.items()})
   ours = mean_pool(np.asarray(out.last_hidden_state), batch['attention_mask'])
@@ -77,11 +76,13 @@ def test_padding_does_not_change_embeddings(flax_minilm, batch):
   apply, params, _ = flax_minilm
   i = int(np.argmin(batch['attention_mask'].sum(1)))
   n = int(batch['attention_mask'][i].sum())
-  alone = apply({'params': params}, jnp.asarray(batch['input_ids'][i:i + 1, :n]))
-  padded = apply({'params': params}, jnp.asarray(batch['input_ids'][i:i + 1]),
-                       jnp.asarray(batch['attention_mask'][i:i + 1]))
-  np.testing.assert_allclose(np.asarray(padded.last_hidden_state[0, :n]),
-                             np.asarray(alone.last_hidden_state[0]), atol=TOL)
+  alone = apply({'params': params}, jnp.asarray(batch['input_ids'][i : i + 1, :n]))
+  padded = apply(
+    {'params': params}, jnp.asarray(batch['input_ids'][i : i + 1]), jnp.asarray(batch['attention_mask'][i : i + 1])
+  )
+  np.testing.assert_allclose(
+    np.asarray(padded.last_hidden_state[0, :n]), np.asarray(alone.last_hidden_state[0]), atol=TOL
+  )
 
 
 def test_saved_position_ids_buffer_is_dropped_explicitly(model_dir):
@@ -89,8 +90,15 @@ def test_saved_position_ids_buffer_is_dropped_explicitly(model_dir):
   state_dict = load_state_dict(os.path.join(model_dir, 'model.safetensors'))
   assert 'embeddings.position_ids' in state_dict
   family = get_family('bert')
-  config = family.config_from_hf({'model_type': 'bert', 'hidden_size': 384, 'num_hidden_layers': 6,
-                                  'num_attention_heads': 12, 'intermediate_size': 1536})
+  config = family.config_from_hf(
+    {
+      'model_type': 'bert',
+      'hidden_size': 384,
+      'num_hidden_layers': 6,
+      'num_attention_heads': 12,
+      'intermediate_size': 1536,
+    }
+  )
   params = family.torch_to_flax(state_dict, config)
   assert params['encoder']['layer_5']['attention']['self']['query']['kernel'].shape == (384, 384)
 
@@ -102,5 +110,6 @@ def test_export_loads_strictly_into_bert_model(flax_minilm, batch, torch_model):
   fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True)
   with torch.no_grad():
     inputs = {k: torch.from_numpy(v) for k, v in batch.items()}
-    np.testing.assert_allclose(fresh(**inputs).last_hidden_state.numpy(),
-                               torch_model(**inputs).last_hidden_state.numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+      fresh(**inputs).last_hidden_state.numpy(), torch_model(**inputs).last_hidden_state.numpy(), atol=1e-6
+    )

@@ -10,8 +10,11 @@ from conversion.cli import main
 
 def test_round_trip_through_flax_files(tmp_path, capsys):
   torch.manual_seed(0)
-  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-      vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0))
+  hf = transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(
+      vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+  )
   hf.save_pretrained(tmp_path / 'hf')
   assert main(['to-flax', str(tmp_path / 'hf'), str(tmp_path / 'flax')]) == 0
   assert main(['to-torch', str(tmp_path / 'flax'), str(tmp_path / 'back')]) == 0

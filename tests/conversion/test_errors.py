@@ -20,9 +20,18 @@ BERT = get_family('bert')
 @pytest.fixture(scope='module')
 def llama():
   torch.manual_seed(0)
-  hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2))
+  hf = transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      bos_token_id=1,
+      eos_token_id=2,
+    )
+  )
   return LLAMA.config_from_hf(hf.config.to_dict()), hf.state_dict()
 
 
@@ -30,28 +39,40 @@ def test_wrong_shape_names_key_shapes_and_fix(llama):
   config, state_dict = llama
   bad = dict(state_dict)
   bad['model.layers.1.self_attn.k_proj.weight'] = torch.zeros(32, 32)
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"wrong shape: state_dict\['model\.layers\.1\.self_attn\.k_proj\.weight'\] has shape \(32, 32\), "
-      r"\(32, 32\) once transposed to flax layout, but flax model/layers_1/self_attn/k_proj/kernel "
-      r"expects \(32, 16\)\. Fix: the config does not match the checkpoint; check .*num_key_value_heads=2")):
+      r'\(32, 32\) once transposed to flax layout, but flax model/layers_1/self_attn/k_proj/kernel '
+      r'expects \(32, 16\)\. Fix: the config does not match the checkpoint; check .*num_key_value_heads=2'
+    ),
+  ):
     LLAMA.torch_to_flax(bad, config)
 
 
 def test_missing_key(llama):
   config, state_dict = llama
   bad = {k: v for k, v in state_dict.items() if k != 'model.layers.0.mlp.up_proj.weight'}
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"missing key: 'model\.layers\.0\.mlp\.up_proj\.weight' \(for flax "
-      r"model/layers_0/mlp/up_proj/kernel, shape \(32, 64\)\) is not in the checkpoint")):
+      r'model/layers_0/mlp/up_proj/kernel, shape \(32, 64\)\) is not in the checkpoint'
+    ),
+  ):
     LLAMA.torch_to_flax(bad, config)
 
 
 def test_unexpected_key_suggests_ignore(llama):
   config, state_dict = llama
   bad = {**state_dict, 'model.layers.0.self_attn.rope_gate': torch.zeros(3)}
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"unexpected key: 'model\.layers\.0\.self_attn\.rope_gate' \(shape \(3,\)\) has no place in "
-      r"LlamaForCausalLM\. Fix: .*ignore=\['model\\\\\.layers\\\\\.0\\\\\.self_attn\\\\\.rope_gate'\]")):
+      r"LlamaForCausalLM\. Fix: .*ignore=\['model\\\\\.layers\\\\\.0\\\\\.self_attn\\\\\.rope_gate'\]"
+    ),
+  ):
     LLAMA.torch_to_flax(bad, config)
   # ...and passing that regex accepts the checkpoint on purpose.
   LLAMA.torch_to_flax(bad, config, ignore=[r'model\.layers\.0\.self_attn\.rope_gate'])
@@ -60,14 +81,16 @@ def test_unexpected_key_suggests_ignore(llama):
 def test_bias_keys_with_attention_bias_false_point_at_the_flag(llama):
   config, state_dict = llama
   bad = {**state_dict, 'model.layers.0.self_attn.q_proj.bias': torch.zeros(32)}
-  with pytest.raises(ValueError, match=r"the config has attention_bias=False, so the model has no such parameter; flip it"):
+  with pytest.raises(
+    ValueError, match=r'the config has attention_bias=False, so the model has no such parameter; flip it'
+  ):
     LLAMA.torch_to_flax(bad, config)
 
 
 def test_extra_layers_point_at_the_depth(llama):
   config, state_dict = llama
   shallow = LLAMA.config_from_hf({**LLAMA.config_class.to_hf(config), 'num_hidden_layers': 1})
-  with pytest.raises(ValueError, match=r"the checkpoint has layer 1 but config\.num_hidden_layers=1"):
+  with pytest.raises(ValueError, match=r'the checkpoint has layer 1 but config\.num_hidden_layers=1'):
     LLAMA.torch_to_flax(state_dict, shallow)
 
 
@@ -86,7 +109,9 @@ def test_all_problems_are_listed_together(llama):
 def test_untied_checkpoint_with_tied_config_is_refused(llama):
   config, state_dict = llama
   tied = LLAMA.config_from_hf(LLAMA.config_class.to_hf(config), tie_word_embeddings=True)
-  with pytest.raises(ValueError, match=r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'.*set tie_word_embeddings=False"):
+  with pytest.raises(
+    ValueError, match=r"'lm_head\.weight' differs from 'model\.embed_tokens\.weight'.*set tie_word_embeddings=False"
+  ):
     LLAMA.torch_to_flax(state_dict, tied)
 
 
@@ -101,7 +126,9 @@ def test_saved_inv_freq_must_match_rope_theta(llama):
   config, state_dict = llama
   wrong = 1.0 / (500000.0 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
   bad = {**state_dict, 'model.rotary_emb.inv_freq': torch.from_numpy(wrong)}
-  with pytest.raises(ValueError, match=r"state_dict\['model\.rotary_emb\.inv_freq'\] .* does not match the config \(rope_theta=10000\.0"):
+  with pytest.raises(
+    ValueError, match=r"state_dict\['model\.rotary_emb\.inv_freq'\] .* does not match the config \(rope_theta=10000\.0"
+  ):
     LLAMA.torch_to_flax(bad, config)
 
 
@@ -122,7 +149,9 @@ def test_export_refuses_unmerged_adapter_params(llama):
   config, state_dict = llama
   params = LLAMA.torch_to_flax(state_dict, config)
   params['model']['layers_0']['self_attn']['q_proj']['lora_a'] = jnp.zeros((32, 4))
-  with pytest.raises(ValueError, match=r"unexpected path: params/model/layers_0/self_attn/q_proj/lora_a .* merge adapter weights"):
+  with pytest.raises(
+    ValueError, match=r'unexpected path: params/model/layers_0/self_attn/q_proj/lora_a .* merge adapter weights'
+  ):
     LLAMA.flax_to_torch(params, config)
 
 
@@ -130,37 +159,50 @@ def test_export_wrong_shape(llama):
   config, state_dict = llama
   params = LLAMA.torch_to_flax(state_dict, config)
   params['model']['norm']['scale'] = jnp.ones(31)
-  with pytest.raises(ValueError, match=r"wrong shape: params/model/norm/scale has shape \(31,\), but LlamaForCausalLM with this config expects \(32,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r'wrong shape: params/model/norm/scale has shape \(31,\), but LlamaForCausalLM with this config expects \(32,\)',
+  ):
     LLAMA.flax_to_torch(params, config)
 
 
 def test_bert_task_checkpoint_heads_must_be_ignored_explicitly():
   torch.manual_seed(0)
-  hf = transformers.BertForSequenceClassification(transformers.BertConfig(
-      vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+  hf = transformers.BertForSequenceClassification(
+    transformers.BertConfig(
+      vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    )
+  )
   config = BERT.config_from_hf(hf.config.to_dict())
   with pytest.raises(ValueError, match=r"unexpected key: 'classifier\.weight' \(shape \(2, 32\)\)"):
     BERT.torch_to_flax(hf.state_dict(), config)
   params = BERT.torch_to_flax(hf.state_dict(), config, ignore=[r'classifier\..*'])  # `bert.` stripped
-  np.testing.assert_array_equal(np.asarray(params['pooler']['dense']['bias']),
-                                hf.bert.pooler.dense.bias.detach().numpy())
+  np.testing.assert_array_equal(
+    np.asarray(params['pooler']['dense']['bias']), hf.bert.pooler.dense.bias.detach().numpy()
+  )
 
 
 def test_bert_without_pooler_says_how_to_drop_it():
-  hf = transformers.BertModel(transformers.BertConfig(
-      vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64),
-      add_pooling_layer=False)
+  hf = transformers.BertModel(
+    transformers.BertConfig(
+      vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+    ),
+    add_pooling_layer=False,
+  )
   config = BERT.config_from_hf(hf.config.to_dict())
-  with pytest.raises(ValueError, match=r"missing key: 'pooler\.dense\.weight'.*this key exists because config\.add_pooling_layer=True"):
+  with pytest.raises(
+    ValueError, match=r"missing key: 'pooler\.dense\.weight'.*this key exists because config\.add_pooling_layer=True"
+  ):
     BERT.torch_to_flax(hf.state_dict(), config)
-  assert 'pooler' not in BERT.torch_to_flax(hf.state_dict(), BertConfig.from_hf(
-      hf.config.to_dict(), add_pooling_layer=False))
+  assert 'pooler' not in BERT.torch_to_flax(
+    hf.state_dict(), BertConfig.from_hf(hf.config.to_dict(), add_pooling_layer=False)
+  )
 
 
 def test_config_errors():
   with pytest.raises(ValueError, match=r"config model_type is 'bert', but GPT2Config reads 'gpt2' configs"):
     GPT2Config.from_hf({'model_type': 'bert'})
-  with pytest.raises(ValueError, match=r"GPT2Config\.n_embd=10 must be divisible by n_head=4"):
+  with pytest.raises(ValueError, match=r'GPT2Config\.n_embd=10 must be divisible by n_head=4'):
     GPT2Config(n_embd=10, n_head=4)
   with pytest.raises(ValueError, match=r"activation_function='gelu_quick' is not supported"):
     GPT2Config(activation_function='gelu_quick')
@@ -180,11 +222,11 @@ class CallsOnLoad:
 def test_pickled_code_is_refused(tmp_path, capsys):
   path = tmp_path / 'pytorch_model.bin'
   torch.save({'w': torch.zeros(2), 'obj': CallsOnLoad()}, path)
-  with pytest.raises(ValueError, match=r"could not be loaded with torch\.load\(weights_only=True\)"):
+  with pytest.raises(ValueError, match=r'could not be loaded with torch\.load\(weights_only=True\)'):
     load_state_dict(path)
   raw = tmp_path / 'raw.pt'
   raw.write_bytes(pickle.dumps({'w': CallsOnLoad()}, protocol=2))
-  with pytest.raises(ValueError, match=r"weights_only=True"):
+  with pytest.raises(ValueError, match=r'weights_only=True'):
     load_state_dict(raw)
   assert 'unpickling ran code' not in capsys.readouterr().out
 

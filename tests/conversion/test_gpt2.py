@@ -17,8 +17,7 @@ FAMILY = get_family('gpt2')
 
 def tiny_gpt2(**overrides):
   torch.manual_seed(0)
-  config = dict(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4,
-                bos_token_id=0, eos_token_id=0)
+  config = dict(vocab_size=VOCAB, n_positions=32, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
   model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**config, **overrides})).eval()
   with torch.no_grad():  # HF initialises LayerNorms to 1/0 and biases to 0; make them matter.
     for name, p in model.named_parameters():
@@ -43,11 +42,15 @@ def ids(rng):
   return rng.integers(0, VOCAB, size=(2, 16)).astype(np.int64)
 
 
-@pytest.mark.parametrize('overrides', [
+@pytest.mark.parametrize(
+  'overrides',
+  [
     {},
     {'tie_word_embeddings': False, 'n_inner': 96, 'activation_function': 'gelu'},
     {'scale_attn_by_inverse_layer_idx': True},
-], ids=['tied', 'untied_n_inner_gelu', 'inverse_layer_idx'])
+  ],
+  ids=['tied', 'untied_n_inner_gelu', 'inverse_layer_idx'],
+)
 def test_logits_match_and_export_loads_strictly(overrides, ids):
   hf = tiny_gpt2(**overrides)
   config, params = convert(hf)
@@ -101,15 +104,15 @@ def test_dropout_only_when_not_deterministic(ids):
   apply = jax.jit(FAMILY.flax_model(config).apply, static_argnames='deterministic')
   variables = {'params': params}
   clean = apply(variables, jnp.asarray(ids))
-  noisy = lambda seed: apply(variables, jnp.asarray(ids), deterministic=False,
-                             rngs={'dropout': jax.random.key(seed)})
+  noisy = lambda seed: apply(variables, jnp.asarray(ids), deterministic=False, rngs={'dropout': jax.random.key(seed)})
   assert not np.allclose(noisy(0), clean, atol=1e-3)
   np.testing.assert_array_equal(noisy(0), noisy(0))
   assert not np.allclose(noisy(0), noisy(1), atol=1e-3)
   # With every rate 0, training mode is exact.
   no_dropout = FAMILY.config_from_hf(hf.config.to_dict(), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
   train = jax.jit(FAMILY.flax_model(no_dropout).apply, static_argnames='deterministic')(
-      variables, jnp.asarray(ids), deterministic=False)
+    variables, jnp.asarray(ids), deterministic=False
+  )
   np.testing.assert_allclose(train, clean, atol=1e-6)
 
 
@@ -119,9 +122,12 @@ def test_attention_dropout_path_equals_fused_path_at_vanishing_rate():
   q = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 8)), jnp.float32) for _ in range(2))
   mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], bool)[:, None, None, :]
-  fused = jax.jit(lambda: dot_product_attention(q, k, v, scale=8 ** -0.5, mask=mask, is_causal=True))()
-  written = jax.jit(lambda: dot_product_attention(q, k, v, scale=8 ** -0.5, mask=mask, is_causal=True,
-                                                  dropout_rate=1e-9, dropout_rng=jax.random.key(1)))()
+  fused = jax.jit(lambda: dot_product_attention(q, k, v, scale=8**-0.5, mask=mask, is_causal=True))()
+  written = jax.jit(
+    lambda: dot_product_attention(
+      q, k, v, scale=8**-0.5, mask=mask, is_causal=True, dropout_rate=1e-9, dropout_rng=jax.random.key(1)
+    )
+  )()
   np.testing.assert_allclose(written, fused, atol=1e-5)
 
 
@@ -131,8 +137,9 @@ def test_sharded_hf_checkpoint_loads(tmp_path, ids):
   assert (tmp_path / 'model.safetensors.index.json').exists()
   model, params, config = load_pretrained(tmp_path)
   assert config.n_layer == 2 and config.tie_word_embeddings
-  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(ids))),
-                             torch_logits(hf, ids), atol=TOL, rtol=0)
+  np.testing.assert_allclose(
+    np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(ids))), torch_logits(hf, ids), atol=TOL, rtol=0
+  )
 
 
 def test_save_pretrained_bfloat16_is_read_by_transformers(tmp_path, ids):

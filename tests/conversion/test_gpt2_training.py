@@ -39,7 +39,8 @@ def test_loss_and_every_gradient_match_torch(overrides, chunk, rng, monkeypatch)
   ref_loss, ref_grads = torch_loss_and_grads(hf, ids, labels)
 
   loss, grads = jax.value_and_grad(
-      lambda p: model.apply({'params': p}, jnp.asarray(ids), jnp.asarray(labels), method='loss'))(params)
+    lambda p: model.apply({'params': p}, jnp.asarray(ids), jnp.asarray(labels), method='loss')
+  )(params)
   assert abs(float(loss) - ref_loss) < TOL
   ours = FAMILY.flax_to_torch(grads, config)
   for key, ref in ref_grads.items():
@@ -55,8 +56,7 @@ def test_frozen_embedding_takes_the_chunked_path_and_matches_torch(rng, monkeypa
   ids = rng.integers(0, VOCAB, size=(3, 16)).astype(np.int64)
   ref_loss, ref_grads = torch_loss_and_grads(hf, ids, ids)
 
-  adapted, p = fa.prepare_for_transfer(
-      model, params, fa.TransferConfig(mode='full'), jnp.asarray(ids))
+  adapted, p = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='full'), jnp.asarray(ids))
   emb = ('transformer', 'wte', 'embedding')
 
   def loss_fn(rest):
@@ -67,8 +67,13 @@ def test_frozen_embedding_takes_the_chunked_path_and_matches_torch(rng, monkeypa
   loss, grads = jax.value_and_grad(loss_fn)(rest)
   assert abs(float(loss) - ref_loss) < TOL
   flat = flatten_dict(grads)
-  np.testing.assert_allclose(np.asarray(flat[('transformer', 'h_0', 'attn', 'c_attn', 'kernel')]),
-                             ref_grads['transformer.h.0.attn.c_attn.weight'], atol=TOL, rtol=1e-4)
-  np.testing.assert_allclose(np.asarray(flat[('transformer', 'wpe', 'embedding')]),
-                             ref_grads['transformer.wpe.weight'], atol=TOL, rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(flat[('transformer', 'h_0', 'attn', 'c_attn', 'kernel')]),
+    ref_grads['transformer.h.0.attn.c_attn.weight'],
+    atol=TOL,
+    rtol=1e-4,
+  )
+  np.testing.assert_allclose(
+    np.asarray(flat[('transformer', 'wpe', 'embedding')]), ref_grads['transformer.wpe.weight'], atol=TOL, rtol=1e-4
+  )
   assert emb not in flat

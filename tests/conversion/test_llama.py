@@ -19,9 +19,18 @@ FAMILY = get_family('llama')
 def tiny_llama(**overrides):
   """Grouped-query attention: 4 query heads share 2 key/value heads."""
   torch.manual_seed(0)
-  config = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  config = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+  )
   model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config, **overrides})).eval()
   with torch.no_grad():  # HF initialises norms to 1 and biases to 0; make them matter.
     for name, p in model.named_parameters():
@@ -47,12 +56,16 @@ def ids(rng):
   return rng.integers(0, VOCAB, size=(2, 12)).astype(np.int64)
 
 
-@pytest.mark.parametrize('overrides', [
+@pytest.mark.parametrize(
+  'overrides',
+  [
     {},
     {'attention_bias': True},
     {'mlp_bias': True, 'tie_word_embeddings': True},
     {'num_key_value_heads': 1, 'head_dim': 32},  # multi-query, head_dim != hidden/heads
-], ids=['gqa', 'attention_bias', 'mlp_bias_tied', 'mqa_head_dim'])
+  ],
+  ids=['gqa', 'attention_bias', 'mlp_bias_tied', 'mqa_head_dim'],
+)
 def test_logits_match_and_export_loads_strictly(overrides, ids):
   hf = tiny_llama(**overrides)
   config = FAMILY.config_from_hf(hf.config.to_dict())
@@ -69,8 +82,14 @@ def test_logits_match_and_export_loads_strictly(overrides, ids):
 
 
 def test_flax_paths_mirror_torch_module_paths():
-  config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2)
+  config = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  )
   paths = {'/'.join(p) for p in FAMILY.param_shapes(config)}
   assert 'model/layers_0/self_attn/q_proj/kernel' in paths
   assert 'model/layers_1/mlp/gate_proj/kernel' in paths
@@ -90,8 +109,14 @@ def test_right_padding_matches_on_real_tokens(ids):
 
 
 def test_llama3_rope_scaling_matches(ids):
-  rope = {'rope_type': 'llama3', 'rope_theta': 500000.0, 'factor': 8.0, 'low_freq_factor': 1.0,
-          'high_freq_factor': 4.0, 'original_max_position_embeddings': 16}
+  rope = {
+    'rope_type': 'llama3',
+    'rope_theta': 500000.0,
+    'factor': 8.0,
+    'low_freq_factor': 1.0,
+    'high_freq_factor': 4.0,
+    'original_max_position_embeddings': 16,
+  }
   hf = tiny_llama(rope_parameters=rope)
   config = FAMILY.config_from_hf(hf.config.to_dict())
   assert config.rope_type == 'llama3'
@@ -101,13 +126,22 @@ def test_llama3_rope_scaling_matches(ids):
 
 
 def test_transformers4_rope_spelling_is_read():
-  config = LlamaConfig.from_hf({'model_type': 'llama', 'hidden_size': 64, 'num_attention_heads': 4,
-                                'rope_theta': 1234.0, 'rope_scaling': {'type': 'linear', 'factor': 2.0}})
+  config = LlamaConfig.from_hf(
+    {
+      'model_type': 'llama',
+      'hidden_size': 64,
+      'num_attention_heads': 4,
+      'rope_theta': 1234.0,
+      'rope_scaling': {'type': 'linear', 'factor': 2.0},
+    }
+  )
   assert (config.rope_theta, config.rope_type, config.rope_factor) == (1234.0, 'linear', 2.0)
 
 
 def test_unimplemented_rope_type_is_refused():
-  with pytest.raises(ValueError, match=r"rope_type='yarn' is not implemented; supported: \('default', 'linear', 'llama3'\)"):
+  with pytest.raises(
+    ValueError, match=r"rope_type='yarn' is not implemented; supported: \('default', 'linear', 'llama3'\)"
+  ):
     LlamaConfig.from_hf({'model_type': 'llama', 'rope_scaling': {'rope_type': 'yarn', 'factor': 4.0}})
 
 
@@ -122,7 +156,8 @@ def test_bf16_checkpoint_converts_through_float32(tmp_path, ids):
   kernel = params['model']['layers_0']['self_attn']['q_proj']['kernel']
   assert kernel.dtype == jnp.float32
   np.testing.assert_array_equal(
-      np.asarray(kernel), hf.model.layers[0].self_attn.q_proj.weight.detach().float().numpy().T)
+    np.asarray(kernel), hf.model.layers[0].self_attn.q_proj.weight.detach().float().numpy().T
+  )
   logits = np.asarray(jax.jit(model.apply)({'params': params}, jnp.asarray(ids)))
   np.testing.assert_allclose(logits, torch_logits(reference, ids), atol=TOL, rtol=0)
 
@@ -155,14 +190,22 @@ def test_save_pretrained_round_trips_through_from_pretrained(tmp_path, ids):
 
 def test_rmsnorm_is_a_norm_so_unfreeze_norm_trains_it():
   import flax_adapters as fa  # pylint: disable=g-import-not-at-top
-  config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2)
+
+  config = LlamaConfig(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+  )
   model = FAMILY.flax_model(config)
   ids = jax.ShapeDtypeStruct((1, 4), jnp.int32)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))['params']
   assert fa.trace_model(model, ids).sites[('model', 'norm')].kind == 'norm'
   adapted, p = fa.prepare_for_transfer(
-      model, params, fa.TransferConfig(mode='lora', lora_targets=['q_proj'], lora_rank=2, unfreeze_norm=True), ids)
+    model, params, fa.TransferConfig(mode='lora', lora_targets=['q_proj'], lora_rank=2, unfreeze_norm=True), ids
+  )
   mask = fa.trainable_mask(adapted, p)
   assert mask['model']['norm']['scale'] and mask['model']['layers_0']['input_layernorm']['scale']
   assert not mask['model']['layers_0']['self_attn']['q_proj']['kernel']

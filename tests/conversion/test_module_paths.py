@@ -24,18 +24,34 @@ def dotted(path, pattern=_LIST_SUFFIX):
 
 
 def torch_modules_with_params(model):
-  return {name for name, module in model.named_modules()
-          if name and any(True for _ in module.parameters(recurse=False))}
+  return {
+    name for name, module in model.named_modules() if name and any(True for _ in module.parameters(recurse=False))
+  }
 
 
 CASES = {
-    'bert': lambda: transformers.BertModel(transformers.BertConfig(
-        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)),
-    'llama': lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=1, eos_token_id=2)),
-    'gpt2': lambda: transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)),
+  'bert': lambda: transformers.BertModel(
+    transformers.BertConfig(
+      vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
+    )
+  ),
+  'llama': lambda: transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=64,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      num_key_value_heads=2,
+      bos_token_id=1,
+      eos_token_id=2,
+    )
+  ),
+  'gpt2': lambda: transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(
+      vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    )
+  ),
 }
 
 
@@ -70,7 +86,9 @@ def test_examples_from_the_design():
 
 
 def test_flax_adapters_models_do_not_import_torch():
-  code = ('import sys, flax_adapters.models.bert, flax_adapters.models.llama, flax_adapters.models.gpt2; '
-          "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))")
+  code = (
+    'import sys, flax_adapters.models.bert, flax_adapters.models.llama, flax_adapters.models.gpt2; '
+    "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))"
+  )
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True, cwd='.')
   assert out.stdout.strip() == '[]'

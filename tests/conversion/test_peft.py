@@ -57,9 +57,14 @@ def check_export(tmp_path, cls, hf, base, model, params, ids, *, merged=True):
 def test_llama_lora_patterns_and_lm_head_both_ways(tmp_path, ids):
   hf = tiny_llama()
   config = peft.LoraConfig(
-      r=4, lora_alpha=8, lora_dropout=0.1, target_modules=['q_proj', 'k_proj', 'v_proj', 'down_proj'],
-      rank_pattern={'layers.1.self_attn.q_proj': 2, 'k_proj': 3}, alpha_pattern={'v_proj': 3},
-      modules_to_save=['lm_head'])
+    r=4,
+    lora_alpha=8,
+    lora_dropout=0.1,
+    target_modules=['q_proj', 'k_proj', 'v_proj', 'down_proj'],
+    rank_pattern={'layers.1.self_attn.q_proj': 2, 'k_proj': 3},
+    alpha_pattern={'v_proj': 3},
+    modules_to_save=['lm_head'],
+  )
   theirs, base = make_adapter(hf, config, tmp_path / 'peft')
   model, params, _ = flax_base(LLAMA, hf.config, base)
   adapted, p = import_peft(tmp_path / 'peft', model, params, family='llama')
@@ -69,7 +74,9 @@ def test_llama_lora_patterns_and_lm_head_both_ways(tmp_path, ids):
   assert ranks['model.layers.1.self_attn.q_proj'] == 2 and ranks['model.layers.0.self_attn.q_proj'] == 4
   assert ranks['model.layers.0.self_attn.k_proj'] == 3 and len(ranks) == 8
   assert {e.site.name: e.methods[0].alpha for e in adapted.plan}['model.layers.1.self_attn.v_proj'] == 3
-  np.testing.assert_array_equal(leaf(p, 'lm_head/kernel'), theirs.base_model.model.lm_head.modules_to_save['default'].weight.detach().numpy().T)
+  np.testing.assert_array_equal(
+    leaf(p, 'lm_head/kernel'), theirs.base_model.model.lm_head.modules_to_save['default'].weight.detach().numpy().T
+  )
   np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
 
   # Two Adam steps on next-token loss move the adapters and the lm_head copy (only those).
@@ -93,38 +100,50 @@ def test_llama_lora_patterns_and_lm_head_both_ways(tmp_path, ids):
 
   written = check_export(tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, trained, ids)
   assert written['r'] == 4 and written['lora_alpha'] == 8 and written['modules_to_save'] == ['lm_head']
-  assert written['rank_pattern'] == {'model.layers.1.self_attn.q_proj': 2, 'model.layers.0.self_attn.k_proj': 3,
-                                     'model.layers.1.self_attn.k_proj': 3}
+  assert written['rank_pattern'] == {
+    'model.layers.1.self_attn.q_proj': 2,
+    'model.layers.0.self_attn.k_proj': 3,
+    'model.layers.1.self_attn.k_proj': 3,
+  }
   assert written['alpha_pattern'] == {f'model.layers.{i}.self_attn.v_proj': 3 for i in range(2)}
   assert len(written['target_modules']) == 8 and written['fan_in_fan_out'] is False
 
 
 def test_llama_rslora_with_regex_target_string(tmp_path, ids):
   hf = tiny_llama()
-  config = peft.LoraConfig(r=8, lora_alpha=4, use_rslora=True,
-                           target_modules=r'model\.layers\.\d+\.(self_attn\.k_proj|mlp\.up_proj)')
+  config = peft.LoraConfig(
+    r=8, lora_alpha=4, use_rslora=True, target_modules=r'model\.layers\.\d+\.(self_attn\.k_proj|mlp\.up_proj)'
+  )
   theirs, base = make_adapter(hf, config, tmp_path / 'peft')
   model, params, _ = flax_base(LLAMA, hf.config, base)
   adapted, p = import_peft(tmp_path / 'peft', model, params)
   assert sorted(e.site.name for e in adapted.plan) == [
-      'model.layers.0.mlp.up_proj', 'model.layers.0.self_attn.k_proj',
-      'model.layers.1.mlp.up_proj', 'model.layers.1.self_attn.k_proj']
+    'model.layers.0.mlp.up_proj',
+    'model.layers.0.self_attn.k_proj',
+    'model.layers.1.mlp.up_proj',
+    'model.layers.1.self_attn.k_proj',
+  ]
   assert all(e.methods[0].use_rslora and e.methods[0].scale == 4 / np.sqrt(8) for e in adapted.plan)
   np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
 
-  written = check_export(tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, perturb(adapted, p), ids,
-                         merged=False)
+  written = check_export(
+    tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, perturb(adapted, p), ids, merged=False
+  )
   assert written['use_rslora'] is True and written['r'] == 8 and written['rank_pattern'] == {}
 
 
 def test_llama_layers_to_transform(tmp_path, ids):
   hf = tiny_llama()
-  config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=['o_proj', 'gate_proj'], layers_to_transform=[1],
-                           layers_pattern='layers')
+  config = peft.LoraConfig(
+    r=4, lora_alpha=16, target_modules=['o_proj', 'gate_proj'], layers_to_transform=[1], layers_pattern='layers'
+  )
   theirs, base = make_adapter(hf, config, tmp_path / 'peft')
   model, params, _ = flax_base(LLAMA, hf.config, base)
   adapted, p = import_peft(tmp_path / 'peft', model, params)
-  assert sorted(e.site.name for e in adapted.plan) == ['model.layers.1.mlp.gate_proj', 'model.layers.1.self_attn.o_proj']
+  assert sorted(e.site.name for e in adapted.plan) == [
+    'model.layers.1.mlp.gate_proj',
+    'model.layers.1.self_attn.o_proj',
+  ]
   np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
 
 
@@ -133,9 +152,13 @@ def test_mixed_rslora_and_ranks_from_adapt_export_exactly(tmp_path, ids):
   hf = tiny_llama()
   base = {k: v.detach().clone() for k, v in hf.state_dict().items()}
   model, params, _ = flax_base(LLAMA, hf.config, base)
-  adapted, p = fa.adapt(model, params, {'q_proj': fa.LoRA(rank=4, alpha=8, use_rslora=True),
-                                        'layers.1.mlp.up_proj': fa.LoRA(rank=2, alpha=8)},
-                        jax.ShapeDtypeStruct((1, 8), jnp.int32), rng=jax.random.key(3))
+  adapted, p = fa.adapt(
+    model,
+    params,
+    {'q_proj': fa.LoRA(rank=4, alpha=8, use_rslora=True), 'layers.1.mlp.up_proj': fa.LoRA(rank=2, alpha=8)},
+    jax.ShapeDtypeStruct((1, 8), jnp.int32),
+    rng=jax.random.key(3),
+  )
   p = perturb(adapted, p, scale=0.1)
   written = check_export(tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, p, ids, merged=False)
   assert written['use_rslora'] is False
@@ -146,8 +169,9 @@ def test_mixed_rslora_and_ranks_from_adapt_export_exactly(tmp_path, ids):
 
 def test_gpt2_conv1d_lora_fan_in_fan_out_both_ways(tmp_path, ids):
   hf = tiny_gpt2()
-  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=['c_attn', 'mlp.c_proj'], fan_in_fan_out=True,
-                           rank_pattern={'h.1.attn.c_attn': 6})
+  config = peft.LoraConfig(
+    r=4, lora_alpha=8, target_modules=['c_attn', 'mlp.c_proj'], fan_in_fan_out=True, rank_pattern={'h.1.attn.c_attn': 6}
+  )
   theirs, base = make_adapter(hf, config, tmp_path / 'peft')
   # PEFT keeps LoRA Linear-shaped on Conv1D ([r, in] and [out, r]) although Conv1D's weight is [in, out].
   layer = theirs.base_model.model.transformer.h[0].attn.c_attn
@@ -184,8 +208,9 @@ def test_adapter_made_on_the_bare_trunk_class(tmp_path, ids):
   """PEFT on `GPT2Model` names modules `h.0.attn.c_attn` (no `transformer.`); its regex is matched on those."""
   hf = tiny_gpt2()
   trunk = transformers.GPT2Model(hf.config).eval()
-  trunk.load_state_dict({k.removeprefix('transformer.'): v for k, v in hf.state_dict().items()
-                         if k.startswith('transformer.')})
+  trunk.load_state_dict(
+    {k.removeprefix('transformer.'): v for k, v in hf.state_dict().items() if k.startswith('transformer.')}
+  )
   config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=r'h\.\d+\.mlp\.c_fc', fan_in_fan_out=True)
   theirs, _ = make_adapter(trunk, config, tmp_path / 'peft')
   model, params, _ = flax_base(GPT2, hf.config, hf.state_dict())

@@ -28,9 +28,13 @@ def test_help(command, capsys):
 
 def test_peft_round_trip_through_the_command_line(tmp_path, rng, capsys):
   hf = tiny_llama()
-  theirs, base = make_adapter(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'],
-                                                  rank_pattern={'v_proj': 2}, modules_to_save=['lm_head']),
-                              tmp_path / 'peft')
+  theirs, base = make_adapter(
+    hf,
+    peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=['q_proj', 'v_proj'], rank_pattern={'v_proj': 2}, modules_to_save=['lm_head']
+    ),
+    tmp_path / 'peft',
+  )
   fresh(transformers.LlamaForCausalLM, hf.config, base).save_pretrained(tmp_path / 'base')
   ids = rng.integers(0, 128, size=(2, 10)).astype(np.int64)
   expected = torch_logits(theirs, ids)
@@ -38,8 +42,19 @@ def test_peft_round_trip_through_the_command_line(tmp_path, rng, capsys):
   # The base may also be a to-flax directory.
   assert main(['to-flax', str(tmp_path / 'base'), str(tmp_path / 'base_flax')]) == 0
   assert main(['import-peft', str(tmp_path / 'peft'), str(tmp_path / 'base'), str(tmp_path / 'ckpt')]) == 0
-  assert main(['export-peft', str(tmp_path / 'ckpt'), str(tmp_path / 'base_flax'), str(tmp_path / 'out'),
-               '--base-model-name-or-path', 'tiny-llama']) == 0
+  assert (
+    main(
+      [
+        'export-peft',
+        str(tmp_path / 'ckpt'),
+        str(tmp_path / 'base_flax'),
+        str(tmp_path / 'out'),
+        '--base-model-name-or-path',
+        'tiny-llama',
+      ]
+    )
+    == 0
+  )
   written = json.loads((tmp_path / 'out' / 'adapter_config.json').read_text())
   assert written['base_model_name_or_path'] == 'tiny-llama' and written['task_type'] == 'CAUSAL_LM'
   assert written['rank_pattern'] == {'model.layers.0.self_attn.v_proj': 2, 'model.layers.1.self_attn.v_proj': 2}
@@ -72,6 +87,7 @@ def test_transfer_config_checkpoint_exports_with_unfrozen_norms(tmp_path, rng):
   assert written['modules_to_save'] == ['transformer.h.0.ln_1', 'transformer.h.0.ln_2', 'transformer.ln_f']
   assert written['target_modules'] == ['transformer.h.0.attn.c_attn'] and written['fan_in_fan_out'] is True
   ids = rng.integers(0, 128, size=(2, 10)).astype(np.int64)
-  loaded = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'base'),
-                                          tmp_path / 'out').eval()
+  loaded = peft.PeftModel.from_pretrained(
+    transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'base'), tmp_path / 'out'
+  ).eval()
   np.testing.assert_allclose(torch_logits(loaded, ids), flax_logits(adapted, p, ids), atol=TOL, rtol=0)

@@ -21,8 +21,15 @@ from safetensors.torch import load_file, save_file
 
 import flax_adapters as fa
 from conversion import get_family
-from conversion.peft import (PeftSpec, export_merged, export_peft, import_peft, module_map, parse_peft_config,
-                             pattern_key)
+from conversion.peft import (
+  PeftSpec,
+  export_merged,
+  export_peft,
+  import_peft,
+  module_map,
+  parse_peft_config,
+  pattern_key,
+)
 from tests.conversion.peft_helpers import make_adapter
 from tests.conversion.test_gpt2 import tiny_gpt2
 from tests.conversion.test_llama import tiny_llama
@@ -69,72 +76,114 @@ def test_valid_adapter_imports(llama_adapter):
 
 def test_wrong_shape(llama_adapter, tmp_path):
   d = edited(llama_adapter[0], tmp_path / 'a', tensors=lambda s: {**s, f'{Q0}.lora_A.weight': torch.zeros(3, 64)})
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       rf"wrong shape: '{Q0}\.lora_A\.weight' has shape \(3, 64\), expected \(4, 64\) \(rank 4 from r=4; "
-      r'layer 64 -> 64\)\. Fix: check r/rank_pattern/feedforward_modules')):
+      r'layer 64 -> 64\)\. Fix: check r/rank_pattern/feedforward_modules'
+    ),
+  ):
     imported(llama_adapter, d)
 
 
 def test_missing_key(llama_adapter, tmp_path):
-  d = edited(llama_adapter[0], tmp_path / 'a',
-             tensors=lambda s: {k: v for k, v in s.items() if k != f'{Q0}.lora_B.weight'})
-  with pytest.raises(ValueError, match=(
+  d = edited(
+    llama_adapter[0], tmp_path / 'a', tensors=lambda s: {k: v for k, v in s.items() if k != f'{Q0}.lora_B.weight'}
+  )
+  with pytest.raises(
+    ValueError,
+    match=(
       rf"missing key: '{Q0}\.lora_B\.weight' \(shape \(64, 4\)\) is not in the file, but target_modules selects "
-      r"'model\.layers\.0\.self_attn\.q_proj'")):
+      r"'model\.layers\.0\.self_attn\.q_proj'"
+    ),
+  ):
     imported(llama_adapter, d)
 
 
 def test_unexpected_keys(llama_adapter, tmp_path):
   up = 'base_model.model.model.layers.0.mlp.up_proj.lora_A.weight'
-  d = edited(llama_adapter[0], tmp_path / 'a', tensors=lambda s: {
-      **s, up: torch.zeros(4, 64), 'model.layers.0.self_attn.q_proj.lora_A.weight': torch.zeros(4, 64),
-      'base_model.model.model.norm.weight': torch.ones(64)})
+  d = edited(
+    llama_adapter[0],
+    tmp_path / 'a',
+    tensors=lambda s: {
+      **s,
+      up: torch.zeros(4, 64),
+      'model.layers.0.self_attn.q_proj.lora_A.weight': torch.zeros(4, 64),
+      'base_model.model.model.norm.weight': torch.ones(64),
+    },
+  )
   with pytest.raises(ValueError) as info:
     imported(llama_adapter, d)
   message = str(info.value)
-  assert message.startswith("Cannot import the PEFT LORA adapter in ")
+  assert message.startswith('Cannot import the PEFT LORA adapter in ')
   # (PEFT saves target_modules from a set, so their order varies.)
-  assert re.search(rf"unexpected key: '{up}': adapter_config.json's target_modules=\['[qv]_proj', '[qv]_proj'\] does "
-                   r"not select module 'model\.layers\.0\.mlp\.up_proj', so PEFT would not load this tensor", message)
-  assert "unexpected key: 'model.layers.0.self_attn.q_proj.lora_A.weight' does not start with 'base_model.model.'" in message
-  assert ("unexpected key: 'base_model.model.model.norm.weight' is neither a LoRA/IA3 tensor of a targeted module "
-          'nor part of a modules_to_save module (modules_to_save=None)') in message
+  assert re.search(
+    rf"unexpected key: '{up}': adapter_config.json's target_modules=\['[qv]_proj', '[qv]_proj'\] does "
+    r"not select module 'model\.layers\.0\.mlp\.up_proj', so PEFT would not load this tensor",
+    message,
+  )
+  assert (
+    "unexpected key: 'model.layers.0.self_attn.q_proj.lora_A.weight' does not start with 'base_model.model.'" in message
+  )
+  assert (
+    "unexpected key: 'base_model.model.model.norm.weight' is neither a LoRA/IA3 tensor of a targeted module "
+    'nor part of a modules_to_save module (modules_to_save=None)'
+  ) in message
 
 
 def test_target_module_the_flax_model_lacks(llama_adapter, tmp_path):
   """An adapter made on a 3-layer model, loaded onto the 2-layer base."""
   hf = tiny_llama(num_hidden_layers=3)
   make_adapter(hf, peft.LoraConfig(r=4, target_modules=['q_proj']), tmp_path / 'deeper')
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"unknown module: 'base_model\.model\.model\.layers\.2\.self_attn\.q_proj\.lora_A\.weight' adapts target "
-      r"module 'model\.layers\.2\.self_attn\.q_proj' that the flax model lacks \(LlamaForCausalLM has no such layer\)")):
+      r"module 'model\.layers\.2\.self_attn\.q_proj' that the flax model lacks \(LlamaForCausalLM has no such layer\)"
+    ),
+  ):
     imported(llama_adapter, tmp_path / 'deeper')
 
 
 def test_unsupported_peft_type(llama_adapter, tmp_path):
   make_adapter(tiny_llama(), peft.LoHaConfig(r=4, target_modules=['q_proj']), tmp_path / 'loha')
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r"adapter_config\.json has peft_type='LOHA'; import_peft reads \['LORA', 'IA3'\] only .* Fix: merge the "
-      r'adapter in PyTorch \(PeftModel\.merge_and_unload\(\)\)')):
+      r'adapter in PyTorch \(PeftModel\.merge_and_unload\(\)\)'
+    ),
+  ):
     imported(llama_adapter, tmp_path / 'loha')
 
 
 def test_dora_is_refused(llama_adapter, tmp_path):
   make_adapter(tiny_llama(), peft.LoraConfig(r=4, target_modules=['q_proj'], use_dora=True), tmp_path / 'dora')
-  with pytest.raises(ValueError, match=(
+  with pytest.raises(
+    ValueError,
+    match=(
       r'adapter_config\.json sets use_dora=True: DoRA \(a learned magnitude vector per output feature\) is not '
-      r'implemented\. Fix: train the adapter without it, or merge the adapter in PyTorch')):
+      r'implemented\. Fix: train the adapter without it, or merge the adapter in PyTorch'
+    ),
+  ):
     imported(llama_adapter, tmp_path / 'dora')
 
 
-@pytest.mark.parametrize('field, value, message', [
-    ('bias', 'all', r"sets bias='all': PEFT then also trains the base layers' biases, which is not implemented\. "
-                    r"Fix: train with bias='none'"),
+@pytest.mark.parametrize(
+  'field, value, message',
+  [
+    (
+      'bias',
+      'all',
+      r"sets bias='all': PEFT then also trains the base layers' biases, which is not implemented\. "
+      r"Fix: train with bias='none'",
+    ),
     ('lora_bias', True, r'sets lora_bias=True: LoRA with a trained bias on lora_B is not implemented'),
     ('target_parameters', ['mlp.experts.down_proj'], r"sets target_parameters=\['mlp\.experts\.down_proj'\]"),
     ('init_lora_weights', 'pissa', r"sets init_lora_weights='pissa': this initialisation rewrites the base weights"),
     ('some_future_option', 3, r'sets some_future_option=3: import_peft does not know this LORA option'),
-])
+  ],
+)
 def test_unsupported_options(llama_adapter, tmp_path, field, value, message):
   d = edited(llama_adapter[0], tmp_path / 'a', config=lambda c: {**c, field: value})
   with pytest.raises(ValueError, match=message):
@@ -168,18 +217,37 @@ def gpt2():
   return GPT2.flax_model(config), GPT2.torch_to_flax(hf.state_dict(), config)
 
 
-@pytest.mark.parametrize('adapters, extra, message', [
-    ({'c_fc': fa.Houlsby(latent_dim=4, placement='linear')}, {},
-     r'transformer\.h\.0\.mlp\.c_fc has a houlsby adapter, which PEFT\'s LoRA/IA3 formats cannot hold'),
-    ({'c_attn': fa.LoRA(rank=4), 'c_fc': fa.IA3()}, {},
-     r'it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type\. Fix: export two models'),
-    ({'c_fc': [fa.IA3(), fa.IA3FF()]}, {},
-     r'transformer\.h\.0\.mlp\.c_fc has both IA3 and IA3_FF, but PEFT keeps one ia3_l per module'),
-    ({'c_fc': fa.LoRA(rank=4)}, {'modules_to_save': ['h.0.mlp']},
-     r'transformer\.h\.0\.mlp both trains whole and carries an adapter; PEFT never adapts a modules_to_save module'),
-    ({'c_fc': fa.LoRA(rank=4)}, {'modules_to_save': ['wte']},
-     r'transformer\.wte trains whole, but GPT2LMHeadModel ties it to its LM head and PEFT would train an untied copy'),
-], ids=['houlsby', 'lora_and_ia3', 'ia3_and_ia3_ff', 'adapter_in_saved_module', 'tied_embedding'])
+@pytest.mark.parametrize(
+  'adapters, extra, message',
+  [
+    (
+      {'c_fc': fa.Houlsby(latent_dim=4, placement='linear')},
+      {},
+      r'transformer\.h\.0\.mlp\.c_fc has a houlsby adapter, which PEFT\'s LoRA/IA3 formats cannot hold',
+    ),
+    (
+      {'c_attn': fa.LoRA(rank=4), 'c_fc': fa.IA3()},
+      {},
+      r'it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type\. Fix: export two models',
+    ),
+    (
+      {'c_fc': [fa.IA3(), fa.IA3FF()]},
+      {},
+      r'transformer\.h\.0\.mlp\.c_fc has both IA3 and IA3_FF, but PEFT keeps one ia3_l per module',
+    ),
+    (
+      {'c_fc': fa.LoRA(rank=4)},
+      {'modules_to_save': ['h.0.mlp']},
+      r'transformer\.h\.0\.mlp both trains whole and carries an adapter; PEFT never adapts a modules_to_save module',
+    ),
+    (
+      {'c_fc': fa.LoRA(rank=4)},
+      {'modules_to_save': ['wte']},
+      r'transformer\.wte trains whole, but GPT2LMHeadModel ties it to its LM head and PEFT would train an untied copy',
+    ),
+  ],
+  ids=['houlsby', 'lora_and_ia3', 'ia3_and_ia3_ff', 'adapter_in_saved_module', 'tied_embedding'],
+)
 def test_export_refuses_what_peft_cannot_express(gpt2, tmp_path, adapters, extra, message):
   model, params = gpt2
   adapted, p = fa.adapt(model, params, adapters, IDS, **extra)
@@ -191,8 +259,11 @@ def test_export_refuses_what_peft_cannot_express(gpt2, tmp_path, adapters, extra
 def test_export_merged_refuses_houlsby(gpt2, tmp_path):
   model, params = gpt2
   adapted, p = fa.adapt(model, params, {'c_fc': fa.Houlsby(latent_dim=4, placement='linear')}, IDS)
-  with pytest.raises(ValueError, match=r"export_merged: adapters \{'transformer\.h\.0\.mlp\.c_fc': \['houlsby'\]\} "
-                                       r'cannot be folded into the base weights'):
+  with pytest.raises(
+    ValueError,
+    match=r"export_merged: adapters \{'transformer\.h\.0\.mlp\.c_fc': \['houlsby'\]\} "
+    r'cannot be folded into the base weights',
+  ):
     export_merged(tmp_path / 'out', adapted, p)
 
 
@@ -203,7 +274,9 @@ def _names(family, hf):
   return module_map(family, family.config_from_hf(hf.config.to_dict())).names()
 
 
-@pytest.mark.parametrize('kwargs', [
+@pytest.mark.parametrize(
+  'kwargs',
+  [
     dict(target_modules=['q_proj', 'mlp.up_proj', 'model.layers.1.self_attn.o_proj']),
     dict(target_modules=r'.*layers\.\d\.(self_attn\.k_proj|mlp\..*_proj)'),
     dict(target_modules=['q_proj', 'up_proj'], exclude_modules=['layers.0.self_attn.q_proj']),
@@ -211,7 +284,8 @@ def _names(family, hf):
     dict(target_modules=['q_proj', 'down_proj'], layers_to_transform=[1]),
     dict(target_modules=['q_proj'], layers_to_transform=0, layers_pattern=['layers']),
     dict(target_modules=['q_proj', 'lm_head', 'up_proj'], modules_to_save=['lm_head', 'layers.1.mlp']),
-])
+  ],
+)
 def test_target_matching_equals_peft(kwargs):
   names = _names(LLAMA, tiny_llama()) + _names(GPT2, tiny_gpt2())
   config = peft.LoraConfig(**kwargs)
@@ -234,5 +308,10 @@ def test_pattern_keys_feedforward_and_modules_to_save_equal_peft():
       assert spec.feedforward(name) == IA3Model._check_target_module_feedforward(config, name), name
   spec = PeftSpec('LORA', {'modules_to_save': ['lm_head', 'norm']})
   assert [n for n in names if spec.saves(n)] == [
-      'lm_head', 'model.layers.0.input_layernorm', 'model.layers.0.post_attention_layernorm',
-      'model.layers.1.input_layernorm', 'model.layers.1.post_attention_layernorm', 'model.norm']
+    'lm_head',
+    'model.layers.0.input_layernorm',
+    'model.layers.0.post_attention_layernorm',
+    'model.layers.1.input_layernorm',
+    'model.layers.1.post_attention_layernorm',
+    'model.norm',
+  ]

@@ -13,15 +13,13 @@ from flax_adapters.methods import LEAF_NAMES
 
 ADAPTER_MODES = ('lora', 'locon', 'ia3', 'houlsby')
 # Every subset of the adapter modes, plus the two modes that stand for themselves.
-COMBINATIONS = [('linear',), ('full',)] + [
-    c for r in range(1, 5) for c in itertools.combinations(ADAPTER_MODES, r)
-]
+COMBINATIONS = [('linear',), ('full',)] + [c for r in range(1, 5) for c in itertools.combinations(ADAPTER_MODES, r)]
 
 TARGETS = dict(
-    lora_targets=['q_proj', 'v_proj', 'mix', 'o_proj'],
-    locon_targets=['conv1d', 'conv2d'],
-    ia3_targets=['k_proj', 'v_proj'],
-    ia3_ff_targets=['fc2', 'o_proj'],
+  lora_targets=['q_proj', 'v_proj', 'mix', 'o_proj'],
+  locon_targets=['conv1d', 'conv2d'],
+  ia3_targets=['k_proj', 'v_proj'],
+  ia3_ff_targets=['fc2', 'o_proj'],
 )
 
 
@@ -44,8 +42,10 @@ def perturb(params, key, scale=0.1):
 
 
 def max_diff(a, b):
-  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return max(
+    float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
 
 
 def n_params(tree):

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 import flax_adapters as fa
 from tests.core import testnet as net
@@ -42,8 +43,13 @@ def main():
   model, params, _ = net.make()
   x = jax.random.normal(jax.random.key(3), (8, net.L, net.C_IN))
   target = jax.tree.map(lambda o: jax.random.normal(jax.random.key(4), o.shape), model.apply({'params': params}, x))
-  cfg = fa.TransferConfig(mode=['lora', 'ia3', 'houlsby'], lora_rank=4, lora_targets=['q_proj', 'v_proj', 'o_proj', 'fc1'],
-                          ia3_targets=['k_proj'], ia3_ff_targets=['fc2'])
+  cfg = fa.TransferConfig(
+    mode=['lora', 'ia3', 'houlsby'],
+    lora_rank=4,
+    lora_targets=['q_proj', 'v_proj', 'o_proj', 'fc1'],
+    ia3_targets=['k_proj'],
+    ia3_ff_targets=['fc2'],
+  )
   adapted, p0 = fa.prepare_for_transfer(model, params, cfg, x)
   p0 = jax.tree.map(lambda v: v, p0)
   tx = fa.transfer_optimizer(optax.adam(1e-2), fa.trainable_mask(adapted, p0))
@@ -73,8 +79,12 @@ def main():
   data_sh = jax.sharding.NamedSharding(mesh, P('data'))
   p = fa.shard_params(p0, mesh, specs)
   s = jax.jit(tx.init, out_shardings=state_sh)(p)
-  sharded = jax.jit(step, in_shardings=(param_sh, state_sh, data_sh, data_sh), out_shardings=(param_sh, state_sh, None),
-                    donate_argnums=(0, 1))
+  sharded = jax.jit(
+    step,
+    in_shardings=(param_sh, state_sh, data_sh, data_sh),
+    out_shardings=(param_sh, state_sh, None),
+    donate_argnums=(0, 1),
+  )
   xs, ts = jax.device_put(x, data_sh), jax.device_put(target, data_sh)
   losses_8 = []
   for _ in range(STEPS):
@@ -88,10 +98,19 @@ def main():
   for path, v in jax.tree_util.tree_flatten_with_path(s)[0]:
     keys = [str(getattr(k, 'key', getattr(k, 'name', ''))) for k in path]
     if keys[-1] in fa.methods.LEAF_NAMES and 'mu' in keys:
-      mu_specs['/'.join(keys[keys.index('mu') + 1:])] = str(v.sharding.spec)
-  print(json.dumps({'devices': jax.device_count(), 'losses_1': losses_1, 'losses_8': losses_8,
-                    'adapter_specs': adapter_specs, 'mu_specs': mu_specs,
-                    'n_shards_lora_b': len(flat[('blocks_0', 'mha', 'q_proj', 'lora_b')].addressable_shards)}))
+      mu_specs['/'.join(keys[keys.index('mu') + 1 :])] = str(v.sharding.spec)
+  print(
+    json.dumps(
+      {
+        'devices': jax.device_count(),
+        'losses_1': losses_1,
+        'losses_8': losses_8,
+        'adapter_specs': adapter_specs,
+        'mu_specs': mu_specs,
+        'n_shards_lora_b': len(flat[('blocks_0', 'mha', 'q_proj', 'lora_b')].addressable_shards),
+      }
+    )
+  )
 
 
 if __name__ == '__main__':

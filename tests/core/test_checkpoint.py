@@ -25,7 +25,9 @@ def test_round_trip_is_bitwise_and_only_holds_trained_leaves(trained, tmp_path):
   model, params, x, adapted, p = trained
   path = fa.save_adapters(tmp_path / 'ckpt', adapted, p)
   meta = fa.read_meta(path)
-  assert meta['config']['mode'] == ['lora', 'houlsby'] and meta['config']['new_heads'] == {'new': {'modality': 'atac', 'num_tracks': 2}}
+  assert meta['config']['mode'] == ['lora', 'houlsby'] and meta['config']['new_heads'] == {
+    'new': {'modality': 'atac', 'num_tracks': 2}
+  }
   saved = fa.checkpoint.trained_leaves(adapted, p)
   mask = traverse_util.flatten_dict(fa.trainable_mask(adapted, p))
   assert set(traverse_util.flatten_dict(saved)) == {k for k, m in mask.items() if m}
@@ -47,8 +49,12 @@ def test_refused_on_a_different_base(trained, tmp_path):
   with pytest.raises(ValueError, match=r'trained on different base weights: the frozen leaf .* does not match'):
     fa.load_adapters(path, a2, p2)
   # Another config: the plan differs.
-  a3, p3 = fa.prepare_for_transfer(model, params, config(mode='lora', remove_heads=['dnase'],
-                                   new_heads={'new': {'modality': 'atac', 'num_tracks': 2}}), x)
+  a3, p3 = fa.prepare_for_transfer(
+    model,
+    params,
+    config(mode='lora', remove_heads=['dnase'], new_heads={'new': {'modality': 'atac', 'num_tracks': 2}}),
+    x,
+  )
   with pytest.raises(ValueError, match=r'do not fit this model: saved plan .*houlsby'):
     fa.load_adapters(path, a3, p3)
 
@@ -57,10 +63,15 @@ def test_refused_on_a_different_architecture(tmp_path):
   model, params, x = net.make()
   adapted, p = fa.prepare_for_transfer(model, params, config('lora'), x)
   path = fa.save_adapters(tmp_path / 'ckpt', adapted, p)
-  bigger = net.TestNet(heads=(('atac', {'modality': 'atac', 'num_tracks': 5}), ('dnase', {'modality': 'dnase', 'num_tracks': 2})))
+  bigger = net.TestNet(
+    heads=(('atac', {'modality': 'atac', 'num_tracks': 5}), ('dnase', {'modality': 'dnase', 'num_tracks': 2}))
+  )
   bp = bigger.init(jax.random.key(0), x)['params']
   a2, p2 = fa.prepare_for_transfer(bigger, bp, adapted.config, x)
-  with pytest.raises(ValueError, match=r'trained on a different base model: 2 leaves differ \(heads/atac/bias: saved \(\(3,\), .float32.\), now \(\(5,\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'trained on a different base model: 2 leaves differ \(heads/atac/bias: saved \(\(3,\), .float32.\), now \(\(5,\)',
+  ):
     fa.load_adapters(path, a2, p2)
 
 
@@ -111,8 +122,13 @@ def test_existing_directory_needs_overwrite(trained, tmp_path):
 def test_checkpoint_of_explicit_methods_is_rebuilt_from_its_plan(tmp_path):
   """`adapt` checkpoints (per-layer ranks; no TransferConfig) restore from the saved plan and trainable modules."""
   model, params, x = net.make()
-  adapted, p = fa.adapt(model, params, {'q_proj': fa.LoRA(rank=4, alpha=8), 'v_proj': fa.LoRA(rank=2, alpha=2),
-                                        'fc2': fa.IA3FF()}, x, modules_to_save=['final_norm'])
+  adapted, p = fa.adapt(
+    model,
+    params,
+    {'q_proj': fa.LoRA(rank=4, alpha=8), 'v_proj': fa.LoRA(rank=2, alpha=2), 'fc2': fa.IA3FF()},
+    x,
+    modules_to_save=['final_norm'],
+  )
   p = perturb(p, jax.random.key(3))
   path = fa.save_adapters(tmp_path / 'ckpt', adapted, p)
   restored_model, restored = fa.restore_transfer(path, model, params, x)

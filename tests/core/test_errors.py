@@ -27,7 +27,9 @@ def test_unknown_mode():
 
 
 def test_full_with_another_mode():
-  with pytest.raises(ValueError, match=r"`mode` 'full' trains every weight and cannot be combined .*\['full', 'lora'\]"):
+  with pytest.raises(
+    ValueError, match=r"`mode` 'full' trains every weight and cannot be combined .*\['full', 'lora'\]"
+  ):
     fa.TransferConfig(mode=['full', 'lora'])
 
 
@@ -42,18 +44,18 @@ def test_bad_houlsby_placement():
 
 
 @pytest.mark.parametrize(
-    'kw,match',
-    [
-        (dict(lora_rank=0), '`lora_rank` must be a positive integer, found 0'),
-        (dict(lora_alpha=-1), '`lora_alpha` must be a positive number, found -1'),
-        (dict(lora_targets='q_proj', mode=['lora', 'lora']), '`mode` lists a mode twice'),
-        (dict(lora_targets=['q', 'q']), r"`lora_targets` lists \['q'\] more than once"),
-        (dict(lora_targets=['re:(']), r"`lora_targets` entry 're:\(' is not a valid regex"),
-        (dict(new_heads={'x': {'modality': 'atac'}}), r"`new_heads\['x'\]` lacks \['num_tracks'\]"),
-        (dict(new_heads={'x': {'modality': 'atac', 'num_tracks': 0}}), 'num_tracks.*must be a positive integer'),
-        (dict(keep_heads=['a'], remove_heads=['a']), r"`keep_heads` and `remove_heads` both name \['a'\]"),
-        (dict(lora_targets=[3]), '`lora_targets` entries must be non-empty strings'),
-    ],
+  'kw,match',
+  [
+    (dict(lora_rank=0), '`lora_rank` must be a positive integer, found 0'),
+    (dict(lora_alpha=-1), '`lora_alpha` must be a positive number, found -1'),
+    (dict(lora_targets='q_proj', mode=['lora', 'lora']), '`mode` lists a mode twice'),
+    (dict(lora_targets=['q', 'q']), r"`lora_targets` lists \['q'\] more than once"),
+    (dict(lora_targets=['re:(']), r"`lora_targets` entry 're:\(' is not a valid regex"),
+    (dict(new_heads={'x': {'modality': 'atac'}}), r"`new_heads\['x'\]` lacks \['num_tracks'\]"),
+    (dict(new_heads={'x': {'modality': 'atac', 'num_tracks': 0}}), 'num_tracks.*must be a positive integer'),
+    (dict(keep_heads=['a'], remove_heads=['a']), r"`keep_heads` and `remove_heads` both name \['a'\]"),
+    (dict(lora_targets=[3]), '`lora_targets` entries must be non-empty strings'),
+  ],
 )
 def test_config_validation(kw, match):
   with pytest.raises((ValueError, TypeError), match=match):
@@ -61,17 +63,26 @@ def test_config_validation(kw, match):
 
 
 def test_target_matching_nothing_lists_near_misses(setup):
-  with pytest.raises(ValueError, match=r"`lora_targets` entry 'q_prj' matches no module\. Nearest module paths: \[.*blocks\.0\.mha\.q_proj"):
+  with pytest.raises(
+    ValueError,
+    match=r"`lora_targets` entry 'q_prj' matches no module\. Nearest module paths: \[.*blocks\.0\.mha\.q_proj",
+  ):
     prepare(setup, mode='lora', lora_targets=['q_prj'])
 
 
 def test_lora_rank_larger_than_layer(setup):
-  with pytest.raises(ValueError, match=r'`lora_rank`=20 is larger than blocks\.0\.mha\.q_proj \(DenseGeneral, dense_general\) allows: .*at most 16\. Lower `lora_rank`'):
+  with pytest.raises(
+    ValueError,
+    match=r'`lora_rank`=20 is larger than blocks\.0\.mha\.q_proj \(DenseGeneral, dense_general\) allows: .*at most 16\. Lower `lora_rank`',
+  ):
     prepare(setup, mode='lora', lora_rank=20)
 
 
 def test_locon_on_a_dense_layer(setup):
-  with pytest.raises(ValueError, match=r"Locon adapts convolutions .* but blocks\.0\.mha\.q_proj \(DenseGeneral, dense_general\) is not one\. Use 'lora'"):
+  with pytest.raises(
+    ValueError,
+    match=r"Locon adapts convolutions .* but blocks\.0\.mha\.q_proj \(DenseGeneral, dense_general\) is not one\. Use 'lora'",
+  ):
     prepare(setup, mode='locon', locon_targets=['q_proj'])
 
 
@@ -81,24 +92,34 @@ def test_locon_on_grouped_conv(setup):
 
 
 def test_lora_on_a_conv_points_to_locon(setup):
-  with pytest.raises(ValueError, match=r"LoRA targets linear layers, but conv1d \(Conv, conv\) is a convolution; .*add 'locon'"):
+  with pytest.raises(
+    ValueError, match=r"LoRA targets linear layers, but conv1d \(Conv, conv\) is a convolution; .*add 'locon'"
+  ):
     prepare(setup, mode='lora', lora_targets=['conv1d'])
 
 
 def test_houlsby_block_placement_on_a_layer(setup):
-  with pytest.raises(ValueError, match=r"Houlsby at placement 'block' wraps sub-blocks .* Use houlsby_placement='linear'"):
+  with pytest.raises(
+    ValueError, match=r"Houlsby at placement 'block' wraps sub-blocks .* Use houlsby_placement='linear'"
+  ):
     prepare(setup, mode='houlsby', houlsby_targets=['fc1'])
 
 
 def test_same_adapter_twice_on_one_layer(setup):
-  with pytest.raises(ValueError, match=r"lora would be added twice to blocks\.0\.mha\.q_proj: both 'q_proj' and 'mha\.q' in `lora_targets`"):
+  with pytest.raises(
+    ValueError,
+    match=r"lora would be added twice to blocks\.0\.mha\.q_proj: both 'q_proj' and 'mha\.q' in `lora_targets`",
+  ):
     prepare(setup, mode='lora', lora_targets=['q_proj', 'mha.q'])
 
 
 def test_params_that_do_not_fit_the_model(setup):
   model, params, x = setup
   bad = {**params, 'stem_proj': {'kernel': jnp.ones((3, 3)), 'bias': params['stem_proj']['bias']}}
-  with pytest.raises(ValueError, match=r'`params` does not fit the model: wrong shape 1: stem_proj/kernel: expected \(32, 16\), found \(3, 3\)'):
+  with pytest.raises(
+    ValueError,
+    match=r'`params` does not fit the model: wrong shape 1: stem_proj/kernel: expected \(32, 16\), found \(3, 3\)',
+  ):
     fa.prepare_for_transfer(model, bad, fa.TransferConfig(mode='lora'), x)
   missing = {k: v for k, v in params.items() if k != 'mix'}
   with pytest.raises(ValueError, match=r'`params` does not fit the model: missing 2: mix/bias, mix/kernel'):
@@ -111,7 +132,10 @@ def test_adapted_params_with_the_base_model_are_refused(setup):
   model, params, x = setup
   adapted, p = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='lora'), x)
   other, _ = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='ia3'), x)
-  with pytest.raises(ValueError, match=r"params at 'blocks\.0\.mha\.q_proj' hold adapter leaves \['lora_a', 'lora_b'\] that this model does not run"):
+  with pytest.raises(
+    ValueError,
+    match=r"params at 'blocks\.0\.mha\.q_proj' hold adapter leaves \['lora_a', 'lora_b'\] that this model does not run",
+  ):
     other.apply({'params': p}, x)
   with pytest.raises(ValueError, match=r"params at 'blocks\.0\.mha\.k_proj' lack the adapter leaves \['ia3_scale'\]"):
     other.apply({'params': params}, x)
@@ -120,15 +144,22 @@ def test_adapted_params_with_the_base_model_are_refused(setup):
 
 
 def test_head_surgery_errors(setup):
-  with pytest.raises(ValueError, match=r"head\(s\) \['chip'\] named in `remove_heads`/`keep_heads` do not exist; the model has heads \['atac', 'dnase'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"head\(s\) \['chip'\] named in `remove_heads`/`keep_heads` do not exist; the model has heads \['atac', 'dnase'\]",
+  ):
     prepare(setup, mode='linear', remove_heads=['chip'])
   with pytest.raises(ValueError, match=r"`new_heads` \['atac'\] already exist"):
     prepare(setup, mode='linear', new_heads={'atac': {'modality': 'atac', 'num_tracks': 1}})
   x = jnp.ones((1, 4))
   dense = nn.Dense(2)
   with pytest.raises(TypeError, match='need a model with a `heads` field, but Dense has none'):
-    fa.prepare_for_transfer(dense, dense.init(jax.random.key(0), x)['params'],
-                            fa.TransferConfig(new_heads={'a': {'modality': 'x', 'num_tracks': 1}}), x)
+    fa.prepare_for_transfer(
+      dense,
+      dense.init(jax.random.key(0), x)['params'],
+      fa.TransferConfig(new_heads={'a': {'modality': 'x', 'num_tracks': 1}}),
+      x,
+    )
 
 
 def test_linear_mode_with_nothing_to_train():

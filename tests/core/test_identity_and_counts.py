@@ -23,7 +23,7 @@ def _with_x64(fn):
 
 # Every combination at block placement, and the houlsby ones again at linear placement.
 CASES = [(m, 'block') for m in COMBINATIONS + [('linear', 'lora', 'locon')]] + [
-    (m, 'linear') for m in COMBINATIONS if 'houlsby' in m
+  (m, 'linear') for m in COMBINATIONS if 'houlsby' in m
 ]
 
 
@@ -67,17 +67,17 @@ def houlsby(latent, features, n):
 
 
 @pytest.mark.parametrize(
-    'mode,expected',
-    [
-        ('linear', HEADS),
-        ('lora', HEADS + NORMS + lora(2)),
-        ('locon', HEADS + NORMS + locon(3)),
-        ('ia3', HEADS + NORMS + IA3),
-        ('houlsby', HEADS + NORMS + houlsby(8, D, 2 * B)),
-        (('lora', 'locon', 'ia3', 'houlsby'), HEADS + NORMS + lora(2) + locon(3) + IA3 + houlsby(8, D, 2 * B)),
-        (('linear', 'ia3'), HEADS + NORMS + IA3),
-    ],
-    ids=lambda m: '+'.join(m) if isinstance(m, tuple) else str(m),
+  'mode,expected',
+  [
+    ('linear', HEADS),
+    ('lora', HEADS + NORMS + lora(2)),
+    ('locon', HEADS + NORMS + locon(3)),
+    ('ia3', HEADS + NORMS + IA3),
+    ('houlsby', HEADS + NORMS + houlsby(8, D, 2 * B)),
+    (('lora', 'locon', 'ia3', 'houlsby'), HEADS + NORMS + lora(2) + locon(3) + IA3 + houlsby(8, D, 2 * B)),
+    (('linear', 'ia3'), HEADS + NORMS + IA3),
+  ],
+  ids=lambda m: '+'.join(m) if isinstance(m, tuple) else str(m),
 )
 def test_trainable_counts_match_formulas(mode, expected):
   model, params, x = net.make()

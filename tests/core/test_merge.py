@@ -70,8 +70,9 @@ def test_unmergeable_adapter_stops_folding_on_its_layer():
 
   x = jax.random.normal(jax.random.key(0), (2, 8, 3))
   params = Net().init(jax.random.key(1), x)['params']
-  cfg = fa.TransferConfig(mode=['locon', 'ia3'], locon_rank=2, locon_targets=['conv'], ia3_targets=['conv', 'out'],
-                          modules_to_save=['out'])
+  cfg = fa.TransferConfig(
+    mode=['locon', 'ia3'], locon_rank=2, locon_targets=['conv'], ia3_targets=['conv', 'out'], modules_to_save=['out']
+  )
   adapted, p = fa.prepare_for_transfer(Net(), params, cfg, x)
   p = perturb(p, jax.random.key(3))
   served, merged = fa.merge_adapters(adapted, p)
@@ -91,8 +92,9 @@ def test_bf16_kernels_merge_through_float32():
   lora = next(m for e in adapted.plan if e.site.path == ('blocks_0', 'mha', 'q_proj') for m in e.methods)
   site = adapted.sites[('blocks_0', 'mha', 'q_proj')].site
   expected = (q['kernel'].astype(jnp.float32) + lora.delta(site, q, jnp.float32)).astype(jnp.bfloat16)
-  np.testing.assert_array_equal(np.asarray(merged['blocks_0']['mha']['q_proj']['kernel'], np.float32),
-                                np.asarray(expected, np.float32))
+  np.testing.assert_array_equal(
+    np.asarray(merged['blocks_0']['mha']['q_proj']['kernel'], np.float32), np.asarray(expected, np.float32)
+  )
   # A bf16 model's merged output stays within bf16 rounding of the adapted one.
   assert max_diff(served.apply({'params': merged}, x), adapted.apply({'params': p}, x)) < 0.1
 
@@ -121,16 +123,16 @@ def test_materialize_refuses_houlsby():
 
 
 @pytest.mark.parametrize(
-    'conv_kw',
-    [
-        dict(features=6, kernel_size=(5,), padding='SAME'),
-        dict(features=6, kernel_size=(4,), strides=(2,), padding='VALID'),
-        dict(features=6, kernel_size=(3,), kernel_dilation=(2,), padding='CAUSAL'),
-        dict(features=6, kernel_size=(3,), padding=((2, 0),), input_dilation=(1,)),
-        dict(features=6, kernel_size=(3, 3), strides=(2, 1), padding='SAME'),
-        dict(features=6, kernel_size=(3, 3), padding='CIRCULAR'),
-    ],
-    ids=['same', 'stride-valid', 'dilated-causal', 'explicit-pad', '2d-strided', '2d-circular'],
+  'conv_kw',
+  [
+    dict(features=6, kernel_size=(5,), padding='SAME'),
+    dict(features=6, kernel_size=(4,), strides=(2,), padding='VALID'),
+    dict(features=6, kernel_size=(3,), kernel_dilation=(2,), padding='CAUSAL'),
+    dict(features=6, kernel_size=(3,), padding=((2, 0),), input_dilation=(1,)),
+    dict(features=6, kernel_size=(3, 3), strides=(2, 1), padding='SAME'),
+    dict(features=6, kernel_size=(3, 3), padding='CIRCULAR'),
+  ],
+  ids=['same', 'stride-valid', 'dilated-causal', 'explicit-pad', '2d-strided', '2d-circular'],
 )
 def test_locon_geometry_factored_equals_folded(conv_kw):
   ndim = len(conv_kw['kernel_size'])
@@ -150,8 +152,14 @@ def test_einsum_with_interleaved_kernel_axes():
   x = jax.random.normal(jax.random.key(0), (2, 5, 8))
   layer = nn.Einsum((3, 8, 4), 'BTD,NDH->BTNH', name='proj')
   params = layer.init(jax.random.key(1), x)['params']
-  cfg = fa.TransferConfig(mode=['lora', 'ia3'], lora_rank=2, lora_targets=['re:.*'], ia3_targets=['re:.*'],
-                          ia3_ff_targets=['re:.*'], modules_to_save=['re:.*'])
+  cfg = fa.TransferConfig(
+    mode=['lora', 'ia3'],
+    lora_rank=2,
+    lora_targets=['re:.*'],
+    ia3_targets=['re:.*'],
+    ia3_ff_targets=['re:.*'],
+    modules_to_save=['re:.*'],
+  )
   adapted, p = fa.prepare_for_transfer(layer, params, cfg, x)
   assert p['lora_a'].shape == (8, 2) and p['lora_b'].shape == (2, 3, 4) and p['ia3_scale'].shape == (3, 4)
   p = perturb(p, jax.random.key(3))

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
-from flax import nnx
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 import flax_adapters as fa
 from flax_adapters import paths
@@ -17,19 +16,19 @@ from tests.core.helpers import max_diff, perturb
 
 
 @pytest.mark.parametrize(
-    'target,path,expected',
-    [
-        ('down_blocks.4', ('encoder', 'down_blocks_4', 'conv1'), True),
-        ('down_blocks.4', ('encoder', 'down_blocks_41', 'conv1'), False),
-        ('blocks.1', ('tower', 'blocks_10', 'mha'), False),
-        ('blocks.1', ('tower', 'blocks_1', 'mha'), True),
-        ('blocks_1/mha', ('tower', 'blocks_1', 'mha'), True),  # the raw linen path works too
-        ('q_proj', ('tower', 'blocks_0', 'mha', 'q_proj'), True),
-        ('re:tower\\.blocks\\.\\d+\\.mha\\.(q|v)_proj', ('tower', 'blocks_3', 'mha', 'v_proj'), True),
-        ('re:mha', ('tower', 'blocks_3', 'mha', 'v_proj'), False),  # regexes match the whole path
-        (re.compile(r'.*\.k_proj'), ('blocks_0', 'mha', 'k_proj'), True),
-        ('MLP.0', ('MLP_0', 'Dense_1'), True),
-    ],
+  'target,path,expected',
+  [
+    ('down_blocks.4', ('encoder', 'down_blocks_4', 'conv1'), True),
+    ('down_blocks.4', ('encoder', 'down_blocks_41', 'conv1'), False),
+    ('blocks.1', ('tower', 'blocks_10', 'mha'), False),
+    ('blocks.1', ('tower', 'blocks_1', 'mha'), True),
+    ('blocks_1/mha', ('tower', 'blocks_1', 'mha'), True),  # the raw linen path works too
+    ('q_proj', ('tower', 'blocks_0', 'mha', 'q_proj'), True),
+    ('re:tower\\.blocks\\.\\d+\\.mha\\.(q|v)_proj', ('tower', 'blocks_3', 'mha', 'v_proj'), True),
+    ('re:mha', ('tower', 'blocks_3', 'mha', 'v_proj'), False),  # regexes match the whole path
+    (re.compile(r'.*\.k_proj'), ('blocks_0', 'mha', 'k_proj'), True),
+    ('MLP.0', ('MLP_0', 'Dense_1'), True),
+  ],
 )
 def test_matches(target, path, expected):
   assert paths.matches(target, path) is expected
@@ -44,7 +43,9 @@ def test_regex_targets_select_exactly(tmp_path):
 
 def test_head_surgery_keeps_trunk_bitwise_and_inits_new_heads():
   model, params, x = net.make()
-  cfg = fa.TransferConfig(mode='linear', remove_heads=['dnase'], new_heads={'my_atac': {'modality': 'atac', 'num_tracks': 4}})
+  cfg = fa.TransferConfig(
+    mode='linear', remove_heads=['dnase'], new_heads={'my_atac': {'modality': 'atac', 'num_tracks': 4}}
+  )
   adapted, p = fa.prepare_for_transfer(model, params, cfg, x, rng=jax.random.key(5))
   assert list(p['heads']) == ['atac', 'my_atac']
   assert p['heads']['my_atac']['kernel'].shape == (net.D, 4)
@@ -56,9 +57,14 @@ def test_head_surgery_keeps_trunk_bitwise_and_inits_new_heads():
   out = adapted.apply({'params': p}, x)
   assert set(out) == {'atac', 'my_atac'} and out['my_atac'].shape == (2, net.L, 4)
   np.testing.assert_array_equal(out['atac'], model.apply({'params': params}, x)['atac'])
-  assert adapted.base.heads == (('atac', {'modality': 'atac', 'num_tracks': 3}), ('my_atac', {'modality': 'atac', 'num_tracks': 4}))
+  assert adapted.base.heads == (
+    ('atac', {'modality': 'atac', 'num_tracks': 3}),
+    ('my_atac', {'modality': 'atac', 'num_tracks': 4}),
+  )
   mask = fa.trainable_mask(adapted, p)
-  assert all(jax.tree.leaves(mask['heads'])) and not any(jax.tree.leaves({k: v for k, v in mask.items() if k != 'heads'}))
+  assert all(jax.tree.leaves(mask['heads'])) and not any(
+    jax.tree.leaves({k: v for k, v in mask.items() if k != 'heads'})
+  )
 
 
 def test_keep_heads():
@@ -118,7 +124,9 @@ def test_nnx_model_through_prepare_params_and_materialize():
   model = MLP(nnx.Rngs(0))
   graphdef, state = nnx.split(model)
   base = nnx.to_pure_dict(state)
-  cfg = fa.TransferConfig(mode=['lora', 'ia3'], lora_rank=2, lora_alpha=4, lora_targets=['fc1'], ia3_targets=['fc2'], ia3_ff_targets=['fc2'])
+  cfg = fa.TransferConfig(
+    mode=['lora', 'ia3'], lora_rank=2, lora_alpha=4, lora_targets=['fc1'], ia3_targets=['fc2'], ia3_ff_targets=['fc2']
+  )
   adapted, p = fa.prepare_params(base, cfg, rng=jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (4, 6))
 
@@ -142,6 +150,7 @@ def test_prepare_params_needs_hints_for_nd_kernels():
   params = {'conv': {'kernel': jnp.ones((3, 4, 8))}}
   with pytest.raises(ValueError, match=r"the kernel at 'conv' is 3-D; say what it is with kinds=\{'conv': 'conv'\}"):
     fa.prepare_params(params, fa.TransferConfig(mode='locon', locon_targets=['conv'], locon_rank=2))
-  adapted, p = fa.prepare_params(params, fa.TransferConfig(mode='locon', locon_targets=['conv'], locon_rank=2),
-                                 kinds={'conv': 'conv'})
+  adapted, p = fa.prepare_params(
+    params, fa.TransferConfig(mode='locon', locon_targets=['conv'], locon_rank=2), kinds={'conv': 'conv'}
+  )
   assert p['conv']['locon_down'].shape == (3, 4, 2) and p['conv']['locon_up'].shape == (1, 2, 8)

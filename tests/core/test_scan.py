@@ -37,8 +37,15 @@ class Stack(nn.Module):
 def setup(mode, **kw):
   x = jax.random.normal(jax.random.key(0), (4, 5, D))
   params = Stack().init(jax.random.key(1), x)['params']
-  cfg = fa.TransferConfig(mode=mode, lora_rank=2, lora_targets=['q_proj', 'fc1'], ia3_targets=['fc2'],
-                          houlsby_targets=['mlp'], modules_to_save=['head'], **kw)
+  cfg = fa.TransferConfig(
+    mode=mode,
+    lora_rank=2,
+    lora_targets=['q_proj', 'fc1'],
+    ia3_targets=['fc2'],
+    houlsby_targets=['mlp'],
+    modules_to_save=['head'],
+    **kw,
+  )
   adapted, p = fa.prepare_for_transfer(Stack(), params, cfg, x)
   return x, params, adapted, p
 
@@ -46,7 +53,9 @@ def setup(mode, **kw):
 def test_stacked_adapter_leaves_start_as_identity_and_differ_per_layer():
   x, params, adapted, p = setup(['lora', 'ia3', 'houlsby'])
   q = p['layers']['q_proj']
-  assert q['kernel'].shape == (LAYERS, D, D) and q['lora_a'].shape == (LAYERS, D, 2) and q['lora_b'].shape == (LAYERS, 2, D)
+  assert (
+    q['kernel'].shape == (LAYERS, D, D) and q['lora_a'].shape == (LAYERS, D, 2) and q['lora_b'].shape == (LAYERS, 2, D)
+  )
   assert p['layers']['mlp']['houlsby_down'].shape == (LAYERS, D, 8)
   assert not np.allclose(q['lora_a'][0], q['lora_a'][1])  # each layer draws its own init
   assert {e.stack for e in adapted.plan} == {(LAYERS,)}
@@ -82,6 +91,7 @@ def test_stacked_training_and_partition_specs():
 
   def spec(path, leaf):
     return P(None, None, 'model') if path[-2:] == ('q_proj', 'kernel') else P()
+
   specs = fa.partition_specs(adapted, p, spec)
   assert specs['layers']['q_proj']['lora_a'] == P(None, None, None)
   assert specs['layers']['q_proj']['lora_b'] == P(None, None, 'model')

@@ -8,22 +8,28 @@ import sys
 import pytest
 
 EXPECTED = {
-    'mha/q_proj/lora_a': "P(None, None)",  # A follows the kernel's input axis (replicated)...
-    'mha/q_proj/lora_b': "P(None, 'model', None)",  # ...B its output axes (heads over 'model').
-    'mha/o_proj/lora_a': "P('model', None, None)",  # row-parallel kernel: A is split, B replicated
-    'mha/o_proj/lora_b': "P(None, None)",
-    'mha/k_proj/ia3_scale': "P('model', None)",
-    'mlp/fc1/lora_b': "P(None, 'model')",
-    'mlp/fc2/ia3_ff_scale': "P('model',)",
-    'mha/houlsby_down': "P(None, None)",
+  'mha/q_proj/lora_a': 'P(None, None)',  # A follows the kernel's input axis (replicated)...
+  'mha/q_proj/lora_b': "P(None, 'model', None)",  # ...B its output axes (heads over 'model').
+  'mha/o_proj/lora_a': "P('model', None, None)",  # row-parallel kernel: A is split, B replicated
+  'mha/o_proj/lora_b': 'P(None, None)',
+  'mha/k_proj/ia3_scale': "P('model', None)",
+  'mlp/fc1/lora_b': "P(None, 'model')",
+  'mlp/fc2/ia3_ff_scale': "P('model',)",
+  'mha/houlsby_down': 'P(None, None)',
 }
 
 
 @pytest.fixture(scope='module')
 def run():
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, '-m', 'tests.core.sharded_training'], env=env, capture_output=True,
-                        text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  proc = subprocess.run(
+    [sys.executable, '-m', 'tests.core.sharded_training'],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -28,8 +28,9 @@ def test_factored_lora_gradients_equal_the_folded_kernels_gradients():
     p = perturb(p, jax.random.key(3))
     trainable, frozen = fa.partition(p, fa.trainable_mask(adapted, p))
     factored = jax.grad(lambda t, x: _loss(adapted, fa.combine(t, frozen), x), argnums=(0, 1))(trainable, x)
-    folded = jax.grad(
-        lambda t, x: _loss(model, fa.materialize(fa.combine(t, frozen), adapted), x), argnums=(0, 1))(trainable, x)
+    folded = jax.grad(lambda t, x: _loss(model, fa.materialize(fa.combine(t, frozen), adapted), x), argnums=(0, 1))(
+      trainable, x
+    )
     assert _max_diff(factored, folded) < 1e-10
 
 
@@ -106,7 +107,8 @@ def test_forward_mode_autodiff_runs_through_every_adapter():
     trainable, frozen = fa.partition(p, fa.trainable_mask(adapted, p))
     tangent = jax.tree.map(lambda t: jnp.ones_like(t) * 1e-2, trainable)
     _, dy = jax.jvp(lambda t: _loss(adapted, fa.combine(t, frozen), x), (trainable,), (tangent,))
-    _, dy_folded = jax.jvp(lambda t: _loss(model, fa.materialize(fa.combine(t, frozen), adapted), x),
-                           (trainable,), (tangent,))
+    _, dy_folded = jax.jvp(
+      lambda t: _loss(model, fa.materialize(fa.combine(t, frozen), adapted), x), (trainable,), (tangent,)
+    )
     assert float(dy) != 0.0
     assert abs(float(dy) - float(dy_folded)) < 1e-10

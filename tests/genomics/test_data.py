@@ -7,8 +7,20 @@ import numpy as np
 import pytest
 
 from flax_adapters.genomics.data import (
-    ASSAYS, MOTIFS, PRETRAIN_ASSAYS, TRANSFER_ASSAYS, AssaySpec, GenomicsTask, Motif, Site,
-    decode, one_hot, pearson_r, poisson_nll, reverse_complement)
+  ASSAYS,
+  MOTIFS,
+  PRETRAIN_ASSAYS,
+  TRANSFER_ASSAYS,
+  AssaySpec,
+  GenomicsTask,
+  Motif,
+  Site,
+  decode,
+  one_hot,
+  pearson_r,
+  poisson_nll,
+  reverse_complement,
+)
 from flax_adapters.genomics.seq2func import Seq2Func, Seq2FuncConfig
 
 L = 512
@@ -39,8 +51,7 @@ def test_same_seed_same_data_different_seed_different_data():
   c = task(seed=1)
   xc, yc = c.sample(8, rng=3)
   np.testing.assert_array_equal(xc, xa)
-  assert not np.allclose(c.sample(8, rng=3, noise=False)[1]['atac'],
-                         a.sample(8, rng=3, noise=False)[1]['atac'])
+  assert not np.allclose(c.sample(8, rng=3, noise=False)[1]['atac'], a.sample(8, rng=3, noise=False)[1]['atac'])
   assert not np.array_equal(a.sample(8, rng=4)[0], xa)
 
 
@@ -50,7 +61,11 @@ def test_shapes_dtypes_and_one_hot():
   assert x.shape == (5, L, 4) and x.dtype == np.float32
   assert np.all(x.sum(-1) == 1)
   assert {k: v.shape for k, v in y.items()} == {
-      'atac': (5, 32, 2), 'dnase': (5, 32, 2), 'chip_tf': (5, 16, 2), 'chip_histone': (5, 8, 1)}
+    'atac': (5, 32, 2),
+    'dnase': (5, 32, 2),
+    'chip_tf': (5, 16, 2),
+    'chip_histone': (5, 8, 1),
+  }
   for v in y.values():
     assert v.dtype == np.float32 and np.all(v >= 0)
   # GC content of the background is near the requested 0.42.
@@ -60,9 +75,13 @@ def test_shapes_dtypes_and_one_hot():
 
 def test_tracks_match_model_heads():
   """`for_model` gives targets of the model's output shapes, including coarser chip_histone."""
-  model = Seq2Func(Seq2FuncConfig.tiny(), heads={
+  model = Seq2Func(
+    Seq2FuncConfig.tiny(),
+    heads={
       'atac': {'modality': 'atac', 'num_tracks': 2},
-      'chip_histone': {'modality': 'chip_histone', 'num_tracks': 1}})
+      'chip_histone': {'modality': 'chip_histone', 'num_tracks': 1},
+    },
+  )
   t = GenomicsTask.for_model(model, seed=0)
   x, y = t.sample(3, rng=0)
   assert x.shape == model.dummy_input(3).shape
@@ -82,7 +101,7 @@ def test_planted_sites_are_in_the_sequence():
     for s in sites:
       motif = t.motifs[s.motif].consensus
       want = motif if s.strand > 0 else reverse_complement(motif)
-      got = seq[s.start:s.start + len(motif)]
+      got = seq[s.start : s.start + len(motif)]
       assert all(w in 'N' or w == g for w, g in zip(want, got)), (s, want, got)
       n_sites += 1
   # 4 motifs at 4/kb on 512 bp: ~8 sites per sequence.
@@ -109,8 +128,7 @@ def test_coverage_is_higher_near_planted_motifs():
   cov = batch.expected['atac'].mean(-1)  # (n, 32)
   near, far = [], []
   for i, sites in enumerate(batch.sites):
-    centers = np.array([s.start + len(t.motifs[s.motif]) // 2 for s in sites
-                        if s.motif in ('ctcf', 'ap1', 'gata')])
+    centers = np.array([s.start + len(t.motifs[s.motif]) // 2 for s in sites if s.motif in ('ctcf', 'ap1', 'gata')])
     for b in range(cov.shape[1]):
       lo, hi = 16 * b, 16 * (b + 1)
       if len(centers) and np.any((centers >= lo) & (centers < hi)):
@@ -164,8 +182,7 @@ def test_transfer_assay_uses_the_same_motifs_differently():
   gata_old = peak(t, 'atac', [('gata', 250)]) - PRETRAIN_ASSAYS['atac'].baseline
   gata_new = peak(new, 'my_atac', [('gata', 250)]) - TRANSFER_ASSAYS['my_atac'].baseline
   assert gata_new > 1.5 * gata_old
-  assert peak(new, 'my_atac', [('gata', 250), ('tata', 270)]) < 0.7 * peak(
-      new, 'my_atac', [('gata', 250)])
+  assert peak(new, 'my_atac', [('gata', 250), ('tata', 270)]) < 0.7 * peak(new, 'my_atac', [('gata', 250)])
   # Tracks of one assay differ (per-track gains), but are strongly related.
   e = new.generate(64, rng=1).expected['my_atac']
   c = np.corrcoef(e.reshape(-1, 4).T)
@@ -174,8 +191,7 @@ def test_transfer_assay_uses_the_same_motifs_differently():
 
 def test_poisson_noise_is_unbiased_and_depth_controls_it():
   spec = AssaySpec('atac', num_tracks=1, weights={'ctcf': 2.0}, depth=0.5)
-  t = GenomicsTask(L, {'a': spec, 'deep': dataclasses.replace(spec, depth=50.0)},
-                   bin_size=16, seed=0)
+  t = GenomicsTask(L, {'a': spec, 'deep': dataclasses.replace(spec, depth=50.0)}, bin_size=16, seed=0)
   b = t.generate(400, rng=0)
   for k in ('a', 'deep'):
     ratio = b.tracks[k].sum() / b.expected[k].sum()
@@ -184,8 +200,9 @@ def test_poisson_noise_is_unbiased_and_depth_controls_it():
   resid = (b.tracks['a'] - b.expected['a']).ravel()
   predicted = (b.expected['a'] / (0.5 * 16)).mean()
   assert abs(resid.var() / predicted - 1) < 0.1
-  assert float(pearson_r(b.tracks['deep'], b.expected['deep'])) > float(
-      pearson_r(b.tracks['a'], b.expected['a'])) + 0.05
+  assert (
+    float(pearson_r(b.tracks['deep'], b.expected['deep'])) > float(pearson_r(b.tracks['a'], b.expected['a'])) + 0.05
+  )
 
 
 # ------------------------------------------------------------------------------ helpers

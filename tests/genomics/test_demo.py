@@ -8,7 +8,9 @@ from flax_adapters.genomics import demo
 
 
 def test_quick_demo_writes_table_json_and_plot(tmp_path, capsys):
-  results = demo.main(['--quick', '--modes', 'linear', 'lora+locon', 'houlsby', '--out-dir', str(tmp_path), '--no-progress'])
+  results = demo.main(
+    ['--quick', '--modes', 'linear', 'lora+locon', 'houlsby', '--out-dir', str(tmp_path), '--no-progress']
+  )
   printed = capsys.readouterr().out
   saved = json.loads((tmp_path / 'results.json').read_text())
   assert (tmp_path / 'transfer.png').stat().st_size > 10_000

@@ -14,8 +14,9 @@ def test_genomics_transfer_notebook_runs(monkeypatch):
   monkeypatch.setenv('FA_NOTEBOOK_SMALL', '1')
   monkeypatch.setenv('PYTHONPATH', os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')])))
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
-                          resources={'metadata': {'path': str(ROOT / 'notebooks')}}).execute()
+  nbclient.NotebookClient(
+    nb, timeout=600, kernel_name='python3', resources={'metadata': {'path': str(ROOT / 'notebooks')}}
+  ).execute()
   errors = [o for cell in nb.cells for o in cell.get('outputs', []) if o.get('output_type') == 'error']
   assert not errors
   outputs = '\n'.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs)

@@ -10,12 +10,10 @@ import pytest
 from flax import linen as nn
 
 from flax_adapters.genomics.data import GenomicsTask, pearson_r
-from flax_adapters.genomics.seq2func import (
-    MODALITY_POOL, Seq2Func, Seq2FuncConfig, StandardizedConv1D, rotary)
+from flax_adapters.genomics.seq2func import MODALITY_POOL, Seq2Func, Seq2FuncConfig, StandardizedConv1D, rotary
 
 TINY = Seq2FuncConfig.tiny()
-NEW_HEADS = {'my_atac': {'modality': 'atac', 'num_tracks': 4},
-             'my_hist': {'modality': 'chip_histone', 'num_tracks': 3}}
+NEW_HEADS = {'my_atac': {'modality': 'atac', 'num_tracks': 4}, 'my_hist': {'modality': 'chip_histone', 'num_tracks': 3}}
 
 
 def dotted(path):
@@ -112,8 +110,7 @@ def test_dotted_param_paths(tiny):
   for i in range(6):
     expected |= {f'encoder.down_blocks.{i}.{m}' for m in ('conv1', 'conv2', 'norm1', 'norm2')}
   for i in range(TINY.num_blocks):
-    expected |= {f'tower.blocks.{i}.mha.{m}' for m in ('norm', 'q_proj', 'k_proj', 'v_proj',
-                                                        'o_proj')}
+    expected |= {f'tower.blocks.{i}.mha.{m}' for m in ('norm', 'q_proj', 'k_proj', 'v_proj', 'o_proj')}
     expected |= {f'tower.blocks.{i}.mlp.{m}' for m in ('norm', 'fc1', 'fc2')}
   expected |= {'tower.norm'}
   for h in ('atac', 'dnase', 'chip_tf'):
@@ -130,14 +127,14 @@ def test_module_kinds_and_guide_targets(tiny):
   norms = {p for p, c in classes.items() if issubclass(c, (nn.LayerNorm, nn.RMSNorm))}
   select = lambda pool, targets: {p for p in pool if any(t in p for t in targets)}
 
-  assert len(select(convs, ['down_blocks.5'])) == 2                                   # Locon2
-  assert len(select(convs, ['down_blocks.4', 'down_blocks.5'])) == 4                  # Locon4
+  assert len(select(convs, ['down_blocks.5'])) == 2  # Locon2
+  assert len(select(convs, ['down_blocks.4', 'down_blocks.5'])) == 4  # Locon4
   assert len(select(convs, ['down_blocks.3', 'down_blocks.4', 'down_blocks.5'])) == 6  # Locon6
   assert all(issubclass(classes[p], StandardizedConv1D) for p in select(convs, ['down_blocks']))
   assert classes['encoder.stem'] is nn.Conv  # a plain (mergeable) conv too
   n = TINY.num_blocks
-  assert len(select(linears, ['q_proj', 'v_proj'])) == 2 * n                         # LoRA
-  assert len(select(linears, ['k_proj', 'v_proj'])) == 2 * n                         # IA3
+  assert len(select(linears, ['q_proj', 'v_proj'])) == 2 * n  # LoRA
+  assert len(select(linears, ['k_proj', 'v_proj'])) == 2 * n  # IA3
   assert select(linears, ['fc2']) == {f'tower.blocks.{i}.mlp.fc2' for i in range(n)}  # IA3_FF
   blocks = {p for p in classes if p.rsplit('.', 1)[-1] in ('mha', 'mlp')}
   assert blocks == {f'tower.blocks.{i}.{m}' for i in range(n) for m in ('mha', 'mlp')}  # Houlsby
@@ -197,8 +194,7 @@ def test_heads_are_normalized_hashable_and_validated():
   b = Seq2Func(TINY, heads=tuple(NEW_HEADS.items()))
   assert a.heads == b.heads == NEW_HEADS
   assert hash(a) == hash(b)
-  out = jax.jit(Seq2Func.apply, static_argnums=0)(
-      a, a.init(jax.random.key(0), a.dummy_input()), a.dummy_input())
+  out = jax.jit(Seq2Func.apply, static_argnums=0)(a, a.init(jax.random.key(0), a.dummy_input()), a.dummy_input())
   assert sorted(out) == ['my_atac', 'my_hist']
   with pytest.raises(ValueError, match='unknown modality'):
     Seq2Func(TINY, heads={'x': {'modality': 'atac-seq', 'num_tracks': 1}})
@@ -254,8 +250,9 @@ def test_bfloat16_compute_close_to_float32(tiny):
 # ------------------------------------------------------------------------------------- conv
 
 
-def reference_conv(x, kernel, scale, bias, *, stride=1, dilation=1, padding=(0, 0), groups=1,
-                   eps=1e-4, fan_in_scaling=True):
+def reference_conv(
+  x, kernel, scale, bias, *, stride=1, dilation=1, padding=(0, 0), groups=1, eps=1e-4, fan_in_scaling=True
+):
   """Direct numpy weight-standardized 1D convolution (NWC input, WIO kernel)."""
   k, cin_g, cout = kernel.shape
   mean = kernel.mean(axis=(0, 1), keepdims=True)
@@ -268,13 +265,14 @@ def reference_conv(x, kernel, scale, bias, *, stride=1, dilation=1, padding=(0, 
   y = np.zeros((x.shape[0], n_out, cout))
   for o in range(n_out):
     for g in range(groups):
-      window = x[:, o * stride:o * stride + span + 1:dilation, g * cin_g:(g + 1) * cin_g]
-      y[:, o, g * cout_g:(g + 1) * cout_g] = np.einsum(
-          'bki,kio->bo', window, w[:, :, g * cout_g:(g + 1) * cout_g])
+      window = x[:, o * stride : o * stride + span + 1 : dilation, g * cin_g : (g + 1) * cin_g]
+      y[:, o, g * cout_g : (g + 1) * cout_g] = np.einsum('bki,kio->bo', window, w[:, :, g * cout_g : (g + 1) * cout_g])
   return y + bias
 
 
-@pytest.mark.parametrize('kwargs, pad', [
+@pytest.mark.parametrize(
+  'kwargs, pad',
+  [
     (dict(padding='SAME'), (2, 2)),
     (dict(padding='VALID'), (0, 0)),
     (dict(padding=1), (1, 1)),
@@ -283,7 +281,8 @@ def reference_conv(x, kernel, scale, bias, *, stride=1, dilation=1, padding=(0, 
     (dict(padding='SAME', kernel_dilation=2), (4, 4)),
     (dict(padding='VALID', feature_group_count=2), (0, 0)),
     (dict(padding='VALID', scale_by_fan_in=False), (0, 0)),
-])
+  ],
+)
 def test_standardized_conv_matches_numpy(kwargs, pad):
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 17, 4))
@@ -295,10 +294,16 @@ def test_standardized_conv_matches_numpy(kwargs, pad):
     p['scale'] = jnp.abs(p['scale'])
     y = np.asarray(conv.apply({'params': p}, jnp.asarray(x)))
   want = reference_conv(
-      x, np.asarray(p['kernel']), np.asarray(p['scale']), np.asarray(p['bias']),
-      stride=kwargs.get('strides', 1), dilation=kwargs.get('kernel_dilation', 1), padding=pad,
-      groups=kwargs.get('feature_group_count', 1),
-      fan_in_scaling=kwargs.get('scale_by_fan_in', True))
+    x,
+    np.asarray(p['kernel']),
+    np.asarray(p['scale']),
+    np.asarray(p['bias']),
+    stride=kwargs.get('strides', 1),
+    dilation=kwargs.get('kernel_dilation', 1),
+    padding=pad,
+    groups=kwargs.get('feature_group_count', 1),
+    fan_in_scaling=kwargs.get('scale_by_fan_in', True),
+  )
   assert y.shape == want.shape
   np.testing.assert_allclose(y, want, rtol=1e-10, atol=1e-10)
 
@@ -310,8 +315,7 @@ def test_standardized_conv_is_an_unmergeable_conv():
   conv = StandardizedConv1D(features=3, kernel_size=(5,))
   assert conv.adapter_mergeable is False and 'adapter_mergeable' not in conv.__dataclass_fields__
   with pytest.raises(ValueError, match='one spatial dimension'):
-    StandardizedConv1D(features=3, kernel_size=(3, 3)).init(
-        jax.random.key(0), jnp.ones((1, 8, 8, 2)))
+    StandardizedConv1D(features=3, kernel_size=(3, 3)).init(jax.random.key(0), jnp.ones((1, 8, 8, 2)))
 
 
 def test_standardized_conv_ignores_per_channel_offsets_and_scales():
@@ -344,8 +348,7 @@ def test_standardized_conv_ignores_per_channel_offsets_and_scales():
   b = jnp.asarray(rng.standard_normal((2, 8)), jnp.float32) * 0.3
   delta = (a @ b).reshape(5, 6, 8)
   merged = conv.apply({'params': {**p, 'kernel': p['kernel'] + delta}}, x)
-  factored = y + jax.lax.conv_general_dilated(x, delta, (1,), 'SAME',
-                                              dimension_numbers=('NWC', 'WIO', 'NWC'))
+  factored = y + jax.lax.conv_general_dilated(x, delta, (1,), 'SAME', dimension_numbers=('NWC', 'WIO', 'NWC'))
   assert float(jnp.max(jnp.abs(merged - factored))) > 0.1 * scale_y
 
 
@@ -421,8 +424,10 @@ def test_brief_training_learns_the_synthetic_task(tiny):
   after = float(jax.jit(loss_fn)(params, x_test, y_test))
   r = pearson_r(model.apply({'params': params}, x_test), y_test)
   constant = sum(float(jnp.mean((v - v.mean(axis=(0, 1))) ** 2)) for v in y_test.values()) / 3
-  print(f'loss {before:.3f} -> {after:.3f} (best constant {constant:.3f}); pearson r',
-        {k: round(float(v), 3) for k, v in r.items()})
+  print(
+    f'loss {before:.3f} -> {after:.3f} (best constant {constant:.3f}); pearson r',
+    {k: round(float(v), 3) for k, v in r.items()},
+  )
   assert after < 0.5 * before, (before, after)
   assert after < 0.8 * constant, (after, constant)
   assert float(r['atac']) > 0.5 and float(r['dnase']) > 0.5, r

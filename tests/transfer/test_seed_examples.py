@@ -4,7 +4,6 @@ Only the call convention differs from the seed: `prepare_for_transfer(model, par
 returns `(model, params)` instead of mutating a torch module.
 """
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,23 +43,71 @@ def houlsby(features, latent, n):
 
 
 SEED_EXAMPLES = {
-    'linear': (dict(mode='linear', remove_heads=['atac', 'dnase'], new_heads=NEW), NEW_HEAD + KEPT_HEAD),
-    'lora': (dict(mode='lora', lora_rank=8, lora_alpha=16, lora_targets=['q_proj', 'v_proj'],
-                  remove_heads=['atac', 'dnase'], new_heads=NEW), NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8)),
-    'lora+locon4': (dict(mode=['lora', 'locon'], lora_targets=['q_proj', 'v_proj'], locon_rank=4, locon_alpha=1,
-                         locon_targets=['down_blocks.4', 'down_blocks.5'], remove_heads=['atac'], new_heads=NEW),
-                    NEW_HEAD + 2 * KEPT_HEAD + NORMS + lora_qv(8) + locon_block(4, 4) + locon_block(5, 4)),
-    'ia3': (dict(mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2'], remove_heads=['atac'],
-                 new_heads=NEW), NEW_HEAD + 2 * KEPT_HEAD + NORMS + IA3_KV_FC2),
-    'houlsby-block': (dict(mode='houlsby', houlsby_latent_dim=8, houlsby_placement='block',
-                           houlsby_targets=['mha', 'mlp'], unfreeze_norm=True, remove_heads=['atac'], new_heads=NEW),
-                      NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(W, 8, 2 * NB)),
-    'houlsby-linear': (dict(mode='houlsby', houlsby_latent_dim=8, houlsby_placement='linear',
-                            houlsby_targets=['q_proj', 'v_proj'], remove_heads=['atac'], new_heads=NEW),
-                       NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(A, 8, 2 * NB)),
-    'combined': (dict(mode=['lora', 'locon'], lora_rank=8, lora_alpha=16, lora_targets=['q_proj', 'v_proj'],
-                      locon_rank=4, locon_alpha=1, locon_targets=['down_blocks.5'], remove_heads=['atac', 'dnase'],
-                      new_heads=NEW), NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8) + locon_block(5, 4)),
+  'linear': (dict(mode='linear', remove_heads=['atac', 'dnase'], new_heads=NEW), NEW_HEAD + KEPT_HEAD),
+  'lora': (
+    dict(
+      mode='lora',
+      lora_rank=8,
+      lora_alpha=16,
+      lora_targets=['q_proj', 'v_proj'],
+      remove_heads=['atac', 'dnase'],
+      new_heads=NEW,
+    ),
+    NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8),
+  ),
+  'lora+locon4': (
+    dict(
+      mode=['lora', 'locon'],
+      lora_targets=['q_proj', 'v_proj'],
+      locon_rank=4,
+      locon_alpha=1,
+      locon_targets=['down_blocks.4', 'down_blocks.5'],
+      remove_heads=['atac'],
+      new_heads=NEW,
+    ),
+    NEW_HEAD + 2 * KEPT_HEAD + NORMS + lora_qv(8) + locon_block(4, 4) + locon_block(5, 4),
+  ),
+  'ia3': (
+    dict(mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2'], remove_heads=['atac'], new_heads=NEW),
+    NEW_HEAD + 2 * KEPT_HEAD + NORMS + IA3_KV_FC2,
+  ),
+  'houlsby-block': (
+    dict(
+      mode='houlsby',
+      houlsby_latent_dim=8,
+      houlsby_placement='block',
+      houlsby_targets=['mha', 'mlp'],
+      unfreeze_norm=True,
+      remove_heads=['atac'],
+      new_heads=NEW,
+    ),
+    NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(W, 8, 2 * NB),
+  ),
+  'houlsby-linear': (
+    dict(
+      mode='houlsby',
+      houlsby_latent_dim=8,
+      houlsby_placement='linear',
+      houlsby_targets=['q_proj', 'v_proj'],
+      remove_heads=['atac'],
+      new_heads=NEW,
+    ),
+    NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(A, 8, 2 * NB),
+  ),
+  'combined': (
+    dict(
+      mode=['lora', 'locon'],
+      lora_rank=8,
+      lora_alpha=16,
+      lora_targets=['q_proj', 'v_proj'],
+      locon_rank=4,
+      locon_alpha=1,
+      locon_targets=['down_blocks.5'],
+      remove_heads=['atac', 'dnase'],
+      new_heads=NEW,
+    ),
+    NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8) + locon_block(5, 4),
+  ),
 }
 
 
@@ -84,6 +131,7 @@ def _train(adapted, params, x, steps=3):
     def loss(t):
       out = adapted.apply({'params': fa.combine(t, frozen)}, x)
       return sum(jnp.mean((out[k] - target[k]) ** 2) for k in out)
+
     l, g = jax.value_and_grad(loss)(t)
     u, s = tx.update(g, s, t)
     return optax.apply_updates(t, u), s, l
@@ -110,11 +158,14 @@ def test_seed_example_runs_trains_and_counts(pretrained, name):
     assert np.array_equal(before[k], after[k]) != mask[k], '/'.join(k)
 
 
-@pytest.mark.parametrize('preset,targets,n', [
+@pytest.mark.parametrize(
+  'preset,targets,n',
+  [
     ('Locon2', ['down_blocks.5'], 2),
     ('Locon4', ['down_blocks.4', 'down_blocks.5'], 4),
     ('Locon6', ['down_blocks.3', 'down_blocks.4', 'down_blocks.5'], 6),
-])
+  ],
+)
 def test_locon_presets_create_exactly_n_adapters(pretrained, preset, targets, n):
   model, params, x = pretrained
   adapted, p = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='locon', locon_targets=targets), x)
@@ -125,7 +176,9 @@ def test_locon_presets_create_exactly_n_adapters(pretrained, preset, targets, n)
 
 def test_trunk_is_bitwise_pretrained_after_head_surgery(pretrained):
   model, params, x = pretrained
-  cfg = fa.TransferConfig(mode=['lora', 'locon'], locon_targets=['down_blocks.5'], remove_heads=['atac', 'dnase'], new_heads=NEW)
+  cfg = fa.TransferConfig(
+    mode=['lora', 'locon'], locon_targets=['down_blocks.5'], remove_heads=['atac', 'dnase'], new_heads=NEW
+  )
   adapted, p = fa.prepare_for_transfer(model, params, cfg, x)
   flat, flat0 = traverse_util.flatten_dict(p), traverse_util.flatten_dict(params)
   for k, v in flat0.items():
@@ -142,14 +195,20 @@ def test_trunk_is_bitwise_pretrained_after_head_surgery(pretrained):
 def test_merge_table(pretrained):
   """LoRA and IA3 fold; Locon on the plain stem conv folds; Locon on standardized convs and Houlsby stay."""
   model, params, x = pretrained
-  cfg = fa.TransferConfig(mode=['lora', 'locon', 'ia3', 'houlsby'], locon_targets=['stem', 'down_blocks.5'],
-                          ia3_ff_targets=['fc2'], remove_heads=['atac'], new_heads=NEW)
+  cfg = fa.TransferConfig(
+    mode=['lora', 'locon', 'ia3', 'houlsby'],
+    locon_targets=['stem', 'down_blocks.5'],
+    ia3_ff_targets=['fc2'],
+    remove_heads=['atac'],
+    new_heads=NEW,
+  )
   adapted, p = fa.prepare_for_transfer(model, params, cfg, x)
   p, _ = _train(adapted, p, x, steps=3)
   served, merged = fa.merge_adapters(adapted, p)
   stays = {(fa.paths.dotted(e.site.path), m.name) for e in served.plan for m in e.methods}
   assert stays == {(f'encoder.down_blocks.5.{c}', 'locon') for c in ('conv1', 'conv2')} | {
-      (f'tower.blocks.{b}.{s}', 'houlsby') for b in range(NB) for s in ('mha', 'mlp')}
+    (f'tower.blocks.{b}.{s}', 'houlsby') for b in range(NB) for s in ('mha', 'mlp')
+  }
   assert sorted(merged['tower']['blocks_0']['mha']['q_proj']) == ['kernel']
   assert sorted(merged['encoder']['stem']) == ['bias', 'kernel']
   out = served.apply({'params': merged}, x)

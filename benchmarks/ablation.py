@@ -123,7 +123,7 @@ def worker(args):
   import flax_adapters as fa
   from benchmarks import jax_worker
   from flax_adapters.models import layers
-  from flax_adapters.train import make_train_step
+  from flax_adapters.training import make_train_step
 
   ns = argparse.Namespace(mode=args.mode, size=args.size, weights=args.weights, gpu=False, bf16=False)
   s = jax_worker.build(ns)

@@ -22,7 +22,7 @@ def build(args):
   import flax_adapters as fa
   from conversion.families import get_family
   from flax_adapters.models.gpt2 import GPT2Config, GPT2LMHeadModel
-  from flax_adapters.train import make_train_step
+  from flax_adapters.training import make_train_step
 
   if args.gpu and jax.devices()[0].platform != 'gpu':
     raise RuntimeError(f'--gpu, but JAX runs on {jax.devices()[0].platform}; install jax[cuda].')

@@ -80,8 +80,10 @@ from conversion.state_dict import load_state_dict, save_safetensors, to_numpy
 from flax_adapters import paths as paths_lib
 from flax_adapters.forward import AdaptedModel, check_adapter_leaves
 from flax_adapters.merge import merge_adapters
-from flax_adapters.methods import IA3, IA3FF, LEAF_NAMES, LoRA
-from flax_adapters.surgery import adapt, get_subtree
+from flax_adapters.methods import LEAF_NAMES, method_from_peft
+from flax_adapters.placement import adapt
+from flax_adapters.tracing import trace_model
+from flax_adapters.tree import get_subtree
 
 CONFIG_FILE = 'adapter_config.json'
 WEIGHTS_FILES = ('adapter_model.safetensors', 'adapter_model.bin')
@@ -245,6 +247,28 @@ class PeftSpec:
     if isinstance(ff, str):
       return re.fullmatch(ff, name) is not None
     return any(name.endswith(m) for m in ff)
+
+  def module_settings(self, name: str) -> dict[str, Any]:
+    """The PEFT settings of module `name` that decide its adapter (what `Method.from_peft_settings` reads)."""
+    if self.peft_type == 'LORA':
+      r, alpha = self.rank_alpha(name)
+      return {
+        'r': r,
+        'lora_alpha': _number(alpha),
+        'use_rslora': bool(self.raw.get('use_rslora', False)),
+        # lora_dropout acts in training only: on when apply gets rngs={'adapter_dropout': key}.
+        'lora_dropout': float(self.raw.get('lora_dropout') or 0.0),
+      }
+    return {'feedforward': self.feedforward(name)}
+
+  def describe_settings(self, name: str) -> str:
+    """Where module `name`'s settings come from, for error messages."""
+    if self.peft_type == 'LORA':
+      rank_pattern = self.raw.get('rank_pattern')
+      return (
+        f'rank {self.rank_alpha(name)[0]} from r={self.r}{f", rank_pattern={rank_pattern}" if rank_pattern else ""}'
+      )
+    return 'feedforward: [1, in]' if self.feedforward(name) else '[out, 1]'
 
   def rank_alpha(self, name: str) -> tuple[int, float]:
     """The rank and alpha PEFT gives module `name` (`get_pattern_key` over the pattern dicts)."""
@@ -534,7 +558,8 @@ def import_peft(
   problems = _Problems()
   found, saved_tensors, saved, targeted, their_name = _sort_tensors(spec, tensors, mm, family, problems)
   shapes = family.param_shapes(config)
-  methods, values = _adapter_values(spec, mm, targeted, found, shapes, problems)
+  sites = trace_model(model, *_example_args(example_args)).sites
+  methods, values = _adapter_values(spec, mm, targeted, found, sites, problems)
   base_updates, saved_flax = _saved_values(mm, saved, saved_tensors, their_name, shapes, family, problems)
   if not methods and not problems.lines:
     problems.add(
@@ -640,8 +665,12 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
   return found, saved_tensors, saved, targeted, their_name
 
 
-def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, problems: _Problems):
-  """`{flax module path: method}` and `{flax module path: {leaf: value}}` for every targeted module."""
+def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, sites, problems: _Problems):
+  """`{flax module path: method}` and `{flax module path: {leaf: value}}` for every targeted module.
+
+  The method for a module is the registered one that reads PEFT's `peft_type` with this module's
+  settings (rank/alpha for LoRA, feedforward or not for IA3); it says which tensors it needs.
+  """
   methods: dict[tuple[str, ...], Any] = {}
   values: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
   for name, theirs in sorted(targeted.items()):
@@ -659,17 +688,13 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, prob
         )
       continue
     fpath = mm.flax[name]
-    w_in, w_out = shapes[fpath + ('kernel',)].shape
+    site = sites[fpath]
+    settings = spec.module_settings(theirs)
+    method = method_from_peft(spec.peft_type, settings)
+    want = method.peft_shapes(site)
     have = found.get(name, {})
-    if spec.peft_type == 'LORA':
-      r, alpha = spec.rank_alpha(theirs)
-      want = {'lora_A.weight': (r, w_in), 'lora_B.weight': (w_out, r)}
-      rank_pattern = spec.raw.get('rank_pattern')
-      hint = f' (rank {r} from r={spec.r}{f", rank_pattern={rank_pattern}" if rank_pattern else ""}; layer {w_in} -> {w_out})'
-    else:
-      ff = spec.feedforward(theirs)
-      want = {'ia3_l': (1, w_in) if ff else (w_out, 1)}
-      hint = f' ({"feedforward: [1, in]" if ff else "[out, 1]"}; layer {w_in} -> {w_out})'
+    fan_in, fan_out = math.prod(site.size(site.feature_in)), math.prod(site.size(site.feature_out))
+    hint = f' ({spec.describe_settings(theirs)}; layer {fan_in} -> {fan_out})'
     ok = True
     for suffix, shape in want.items():
       if suffix not in have:
@@ -679,7 +704,7 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, prob
           f'but target_modules selects {theirs!r}. Fix: the adapter_config.json does not describe these weights.',
         )
         ok = False
-      elif tuple(have[suffix][1].shape) != shape:
+      elif tuple(have[suffix][1].shape) != tuple(shape):
         problems.add(
           'wrong shape',
           f'{have[suffix][0]!r} has shape {_shape(have[suffix][1].shape)}, expected '
@@ -687,22 +712,9 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, shapes, prob
           'model config matches the one the adapter was trained on.',
         )
         ok = False
-    if not ok:
-      continue
-    if spec.peft_type == 'LORA':
-      # lora_dropout acts in training only: on when apply gets rngs={'adapter_dropout': key}.
-      methods[fpath] = LoRA(
-        rank=r,
-        alpha=_number(alpha),
-        use_rslora=bool(spec.raw.get('use_rslora', False)),
-        dropout=float(spec.raw.get('lora_dropout') or 0.0),
-      )
-      # PEFT keeps both factors Linear-shaped, also on Conv1D: A [r, in], B [out, r].
-      values[fpath] = {'lora_a': have['lora_A.weight'][1].T, 'lora_b': have['lora_B.weight'][1].T}
-    else:
-      method = IA3FF() if ff else IA3()
+    if ok:
       methods[fpath] = method
-      values[fpath] = {method.leaf_names[0]: have['ia3_l'][1].reshape(-1)}
+      values[fpath] = method.from_peft(site, {suffix: have[suffix][1] for suffix in want})
   return methods, values
 
 
@@ -814,35 +826,26 @@ def export_peft(
   mm = module_map(family, config)
   fail = lambda why, fix: ValueError(f'export_peft cannot write this model as a PEFT adapter: {why}. Fix: {fix}.')
 
-  names = {e.site.path: {m.name for m in e.methods} for e in model.plan}
+  # Each method says whether PEFT can hold it (its peft_type) and, if not, why.
   for e in model.plan:
     for m in e.methods:
-      if m.name == 'houlsby':
-        raise fail(
-          f"{paths_lib.dotted(e.site.path)} has a houlsby adapter, which PEFT's LoRA/IA3 formats cannot "
-          "hold (a bottleneck on a module's output is not a weight-space adapter)",
-          'keep it as a flax adapter checkpoint (save_adapters); it cannot be merged into the weights either',
-        )
-      if m.name == 'locon':
-        raise fail(
-          f'{paths_lib.dotted(e.site.path)} has a locon adapter, and {family.hf_class_name} has no conv '
-          "layer that PEFT's conv LoRA could carry it on",
-          'export_merged folds it into the base weights',
-        )
-  kinds = {('lora' if 'lora' in n else 'ia3') for n in names.values()}
-  if len(kinds) > 1:
+      if m.peft_type is None:
+        raise ValueError(f'export_peft cannot write this model as a PEFT adapter: {m.peft_refusal(e.site)}.')
+  types = sorted({m.peft_type for e in model.plan for m in e.methods})
+  if len(types) > 1:
     raise fail(
-      'it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type',
-      'export two models (one with the LoRA sites, one with the IA3 sites), or export_merged',
+      f'it mixes {" and ".join(types)} adapters, but a PEFT directory holds one adapter type',
+      f'export one model per type ({", ".join(types)} sites apart), or export_merged',
     )
   if not model.plan:
     raise fail('the model has no adapters', 'export the base with save_pretrained, or add adapters')
-  peft_type = 'LORA' if kinds == {'lora'} else 'IA3'
-  for path, n in names.items():
-    if n == {'ia3', 'ia3_ff'}:
+  peft_type = types[0]
+  for e in model.plan:
+    if len(e.methods) > 1:
       raise fail(
-        f'{paths_lib.dotted(path)} has both IA3 and IA3_FF, but PEFT keeps one ia3_l per module',
-        'keep one of the two on that layer, or export_merged',
+        f'{paths_lib.dotted(e.site.path)} has both {" and ".join(m.name for m in e.methods)}, but PEFT keeps one '
+        f'{peft_type} adapter per module',
+        'keep one of them on that layer, or export_merged',
       )
 
   trainable = model.trainable
@@ -896,52 +899,18 @@ def export_peft(
     'modules_to_save': sorted(saved) or None,
   }
   by_path = {e.site.path: e for e in model.plan}
-  if peft_type == 'LORA':
-    loras = {t: next(m for m in by_path[p].methods if m.name == 'lora') for t, p in targets.items()}
-    rslora = {m.use_rslora for m in loras.values()}
-    use_rslora = rslora == {True}
-    # Mixed rsLoRA/plain: write all as plain LoRA with alpha = scale * r (the same scale exactly).
-    alphas = {t: (m.alpha if m.use_rslora == use_rslora else m.scale * m.rank) for t, m in loras.items()}
-    r = _most_common([m.rank for m in loras.values()])
-    alpha = _most_common(list(alphas.values()))
-    cfg.update(
-      {
-        'r': int(r),
-        'lora_alpha': _number(alpha),
-        'use_rslora': use_rslora,
-        'rank_pattern': {t: int(m.rank) for t, m in loras.items() if m.rank != r},
-        'alpha_pattern': {t: _number(a) for t, a in alphas.items() if a != alpha},
-        'lora_dropout': max(m.dropout for m in loras.values()),
-        'bias': 'none',
-        'init_lora_weights': True,
-        'use_dora': False,
-        'lora_bias': False,
-        'layers_to_transform': None,
-        'layers_pattern': None,
-      }
-    )
-    for t, path in targets.items():
-      leaves = get_subtree(params, path)
-      a = to_numpy(leaves['lora_a']).astype(np.float32)
-      b = to_numpy(leaves['lora_b']).astype(np.float32)
-      rank = loras[t].rank
-      state[f'{PREFIX}{t}.lora_A.weight'] = np.ascontiguousarray(a.reshape(-1, rank).T)
-      state[f'{PREFIX}{t}.lora_B.weight'] = np.ascontiguousarray(b.reshape(rank, -1).T)
-  else:
-    ff = sorted(t for t, p in targets.items() if 'ia3_ff' in names[p])
-    cfg.update({'feedforward_modules': ff, 'init_ia3_weights': True})
-    for t, path in targets.items():
-      leaves = get_subtree(params, path)
-      if t in ff:
-        state[f'{PREFIX}{t}.ia3_l'] = to_numpy(leaves['ia3_ff_scale']).astype(np.float32).reshape(1, -1)
-      else:
-        state[f'{PREFIX}{t}.ia3_l'] = to_numpy(leaves['ia3_scale']).astype(np.float32).reshape(-1, 1)
+  settings: dict[str, dict[str, Any]] = {}
+  for t, path in targets.items():
+    entry = by_path[path]
+    tensors, settings[t] = entry.methods[0].to_peft(entry.site, get_subtree(params, path))
+    state.update({f'{PREFIX}{t}.{suffix}': array for suffix, array in tensors.items()})
+  cfg.update(_peft_config_fields(peft_type, settings))
   flat = traverse_util.flatten_dict(params)
   for torch_name in saved:
     for m in mm.params[torch_name]:
       state[f'{PREFIX}{m.torch_key}'] = m.layout.to_torch(to_numpy(flat[m.flax_path]))
 
-  _check_written(cfg, mm, targets, saved, peft_type, names, by_path)
+  _check_written(cfg, mm, targets, saved, peft_type, settings)
   os.makedirs(adapter_dir, exist_ok=True)
   with open(os.path.join(adapter_dir, CONFIG_FILE), 'w') as f:
     json.dump(cfg, f, indent=2, sort_keys=True)
@@ -952,7 +921,39 @@ def export_peft(
   return cfg
 
 
-def _check_written(cfg, mm: ModuleMap, targets, saved, peft_type, names, by_path) -> None:
+def _peft_config_fields(peft_type: str, settings: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+  """adapter_config.json's fields for these per-module settings (`Method.to_peft`), in PEFT's encoding.
+
+  LoRA: the most common rank and alpha become `r` / `lora_alpha`, the others `rank_pattern` /
+  `alpha_pattern` by full module name. IA3: the input-scaling modules are `feedforward_modules`.
+  """
+  if peft_type == 'IA3':
+    return {'feedforward_modules': sorted(t for t, s in settings.items() if s['feedforward']), 'init_ia3_weights': True}
+  use_rslora = {s['use_rslora'] for s in settings.values()} == {True}
+  # Mixed rsLoRA/plain: write all as plain LoRA with alpha' = alpha·sqrt(r) (the same scale exactly).
+  alphas = {
+    t: s['lora_alpha'] if s['use_rslora'] == use_rslora else s['lora_alpha'] * math.sqrt(s['r'])
+    for t, s in settings.items()
+  }
+  r = _most_common([s['r'] for s in settings.values()])
+  alpha = _most_common(list(alphas.values()))
+  return {
+    'r': int(r),
+    'lora_alpha': _number(alpha),
+    'use_rslora': use_rslora,
+    'rank_pattern': {t: int(s['r']) for t, s in settings.items() if s['r'] != r},
+    'alpha_pattern': {t: _number(a) for t, a in alphas.items() if a != alpha},
+    'lora_dropout': max(s['lora_dropout'] for s in settings.values()),
+    'bias': 'none',
+    'init_lora_weights': True,
+    'use_dora': False,
+    'lora_bias': False,
+    'layers_to_transform': None,
+    'layers_pattern': None,
+  }
+
+
+def _check_written(cfg, mm: ModuleMap, targets, saved, peft_type, settings) -> None:
   """The config we write must select, by PEFT's own rules, exactly what we mean (else: our bug)."""
   spec = PeftSpec(peft_type, cfg)
   got_saved = {n for n in mm.names() if spec.saves(n)}
@@ -963,16 +964,11 @@ def _check_written(cfg, mm: ModuleMap, targets, saved, peft_type, names, by_path
     wrong.append(f'modules_to_save selects {sorted(got_saved ^ set(saved))} wrongly')
   if got_targets != set(targets):
     wrong.append(f'target_modules selects {sorted(got_targets ^ set(targets))} wrongly')
-  for t, path in targets.items():
-    methods = by_path[path].methods
-    if peft_type == 'LORA':
-      m = methods[0]
-      r, alpha = spec.rank_alpha(t)
-      scale = alpha / (math.sqrt(r) if cfg['use_rslora'] else r)
-      if r != m.rank or not math.isclose(scale, m.scale, rel_tol=1e-12):
-        wrong.append(f'{t} resolves to rank {r}, scale {scale} instead of {m.rank}, {m.scale}')
-    elif spec.feedforward(t) != ('ia3_ff' in names[path]):
-      wrong.append(f'feedforward_modules resolves {t} wrongly')
+  for t in targets:
+    meant = method_from_peft(peft_type, settings[t])
+    read = method_from_peft(peft_type, spec.module_settings(t))
+    if not read.same_effect(meant):
+      wrong.append(f'{t} reads back as {read} instead of {meant}')
   if wrong:
     raise RuntimeError('export_peft built a config that PEFT would read differently (a bug): ' + '; '.join(wrong))
 

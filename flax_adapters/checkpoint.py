@@ -223,7 +223,8 @@ def restore_transfer(directory: str | os.PathLike, model, params, *example_args,
   """
   from flax_adapters import methods as methods_lib  # pylint: disable=g-import-not-at-top
   from flax_adapters import paths as paths_lib  # pylint: disable=g-import-not-at-top
-  from flax_adapters.surgery import adapt, prepare_for_transfer  # pylint: disable=g-import-not-at-top
+  from flax_adapters.placement import adapt  # pylint: disable=g-import-not-at-top
+  from flax_adapters.transfer import prepare_for_transfer  # pylint: disable=g-import-not-at-top
 
   meta = read_meta(directory)
   if meta['config'] is not None:

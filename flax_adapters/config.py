@@ -1,23 +1,29 @@
 """`TransferConfig`: what to adapt, how, and which heads to keep or add.
 
 The fields and their defaults are those of AlphaGenome's transfer API, so a configuration written for
-it reads the same here. Everything is validated on construction: a bad config fails where it is
-written, not deep inside a traced forward pass.
+it reads the same here. A config compiles to placement rules (`rules()`): each mode's method class
+reads its own fields (`lora_rank`, `lora_targets`, ...), so the modes are those of the registered
+methods (`flax_adapters.register_method`); a method of your own reads `options[name]`. Everything is
+validated on construction: a bad config fails where it is written, not inside a traced forward pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-ADAPTER_MODES = ('lora', 'locon', 'ia3', 'houlsby')
-MODES = ('linear', 'full') + ADAPTER_MODES
-HOULSBY_PLACEMENTS = ('block', 'linear')
-HOULSBY_INITS = ('zero_up', 'alphagenome')
-HOULSBY_ACTIVATIONS = ('relu', 'gelu', 'silu', 'tanh')
+from flax_adapters import methods as methods_lib
+from flax_adapters.methods.houlsby import ACTIVATIONS as HOULSBY_ACTIVATIONS
+from flax_adapters.methods.houlsby import INITS as HOULSBY_INITS
+from flax_adapters.methods.houlsby import PLACEMENTS as HOULSBY_PLACEMENTS
+from flax_adapters.placement import check_adapter_dtype
+from flax_adapters.rules import check_target
 
+# Modes that stand for what trains rather than for an adapter method.
+BASE_MODES = ('linear', 'full')
 # A target is a substring of a dotted module path, or a regex (`'re:...'` or a compiled pattern).
 Target = str | re.Pattern
 
@@ -34,18 +40,7 @@ def _as_tuple(value: Any, name: str) -> tuple:
 
 def _check_targets(targets: tuple, name: str) -> None:
   for t in targets:
-    if isinstance(t, re.Pattern):
-      continue
-    if not isinstance(t, str) or not t:
-      raise TypeError(
-        f'`{name}` entries must be non-empty strings (substrings of module paths such as '
-        f"'q_proj'), 're:<regex>' strings or compiled regexes; found {t!r}."
-      )
-    if t.startswith('re:'):
-      try:
-        re.compile(t[3:])
-      except re.error as e:
-        raise ValueError(f'`{name}` entry {t!r} is not a valid regex: {e}.') from None
+    check_target(t, name)
   duplicates = {t for t in targets if targets.count(t) > 1}
   if duplicates:
     raise ValueError(
@@ -62,14 +57,18 @@ def _check_positive_int(value: Any, name: str) -> None:
 def _check_positive_number(value: Any, name: str) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
     raise ValueError(f'`{name}` must be a positive number, found {value!r}.')
+  if not math.isfinite(value):
+    raise ValueError(f'`{name}` must be a finite positive number, found {value!r} (it would make every output NaN).')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TransferConfig:
   """How to transfer a pretrained model: adapter modes, their targets and head surgery.
 
-  `mode` is one of `'linear'`, `'lora'`, `'locon'`, `'ia3'`, `'houlsby'`, `'full'`, or a list of
-  them: any subset of the adapter modes, with or without `'linear'`; `'full'` stands alone.
+  `mode` is one of `'linear'`, `'lora'`, `'locon'`, `'ia3'`, `'houlsby'`, `'full'` (or the mode of
+  a method registered with `register_method`), or a list of them: any subset of the adapter modes,
+  with or without `'linear'`; `'full'` stands alone. `rules()` compiles the config into the
+  placement rules that `adapt` takes.
 
   Targets are matched against dotted module paths (`'tower.blocks.0.mha.q_proj'`; linen's
   `blocks_0` is read as `blocks.0`). A plain string matches as a substring, as in AlphaGenome; a
@@ -83,6 +82,8 @@ class TransferConfig:
     (('lora', 'locon'), ('q_proj', 'v_proj'), 8)
     >>> TransferConfig(mode='full').trains_everything
     True
+    >>> [(r.target, r.argument) for r in TransferConfig(mode='lora').rules()]
+    [('q_proj', 'lora_targets'), ('v_proj', 'lora_targets')]
   """
 
   # One mode name or a list of them; stored normalised as the tuple `modes`.
@@ -129,15 +130,24 @@ class TransferConfig:
   # dtype of new adapter leaves; None: the kernel's dtype promoted to at least float32, so bf16
   # models train float32 adapters (as PEFT's autocast_adapter_dtype does).
   adapter_dtype: Any = None
+  # Settings of registered methods that have no fields here: {method name: {'targets': [...],
+  # **constructor kwargs}} (see `Method.rules_from_config`).
+  options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+
+  @staticmethod
+  def known_modes() -> tuple[str, ...]:
+    """`'linear'`, `'full'` and the modes of the registered adapter methods."""
+    return BASE_MODES + methods_lib.modes()
 
   def __post_init__(self):
     modes = _as_tuple(self.mode, 'mode')
+    known = self.known_modes()
     if not modes:
-      raise ValueError(f'`mode` must name at least one of {list(MODES)}; found {self.mode!r}.')
+      raise ValueError(f'`mode` must name at least one of {list(known)}; found {self.mode!r}.')
     for m in modes:
-      if m not in MODES:
+      if m not in known:
         raise ValueError(
-          f"`mode` {m!r} is unknown; expected one of {list(MODES)} or a list of them, e.g. mode=['lora', 'locon']."
+          f"`mode` {m!r} is unknown; expected one of {list(known)} or a list of them, e.g. mode=['lora', 'locon']."
         )
     if len(set(modes)) != len(modes):
       raise ValueError(f'`mode` lists a mode twice: {list(modes)}. List each mode once.')
@@ -168,17 +178,6 @@ class TransferConfig:
       or not 0 <= self.lora_dropout < 1
     ):
       raise ValueError(f'`lora_dropout` must be a number in [0, 1), found {self.lora_dropout!r}.')
-    if 'locon' in modes and not self.locon_targets:
-      raise ValueError(
-        "`locon_targets` is empty but mode includes 'locon'; Locon needs the conv layers to "
-        "adapt, e.g. locon_targets=['down_blocks.4', 'down_blocks.5']."
-      )
-    if 'lora' in modes and not self.lora_targets:
-      raise ValueError("`lora_targets` is empty but mode includes 'lora'; name the layers, e.g. ['q_proj', 'v_proj'].")
-    if 'ia3' in modes and not (self.ia3_targets or self.ia3_ff_targets):
-      raise ValueError("`ia3_targets` and `ia3_ff_targets` are both empty but mode includes 'ia3'.")
-    if 'houlsby' in modes and not self.houlsby_targets:
-      raise ValueError("`houlsby_targets` is empty but mode includes 'houlsby'; e.g. ['mha', 'mlp'].")
     if self.houlsby_placement not in HOULSBY_PLACEMENTS:
       raise ValueError(
         f'`houlsby_placement` must be one of {list(HOULSBY_PLACEMENTS)}, found '
@@ -193,7 +192,28 @@ class TransferConfig:
       )
     if not isinstance(self.unfreeze_norm, bool):
       raise TypeError(f'`unfreeze_norm` must be a bool, found {self.unfreeze_norm!r}.')
+    check_adapter_dtype(self.adapter_dtype)
     self._normalise_heads()
+    self._normalise_options()
+    self.rules()  # each mode's method checks its own fields (e.g. targets required) here, not later
+
+  def _normalise_options(self) -> None:
+    if not isinstance(self.options, Mapping):
+      raise TypeError(
+        "`options` must map method names to settings, e.g. {'my_method': {'targets': ['fc2']}}; "
+        f'found {type(self.options).__name__}.'
+      )
+    options = {}
+    for name, settings in self.options.items():
+      methods_lib.get_method(name)  # raises for an unregistered name
+      if not isinstance(settings, Mapping):
+        raise TypeError(f"`options[{name!r}]` must be a mapping such as {{'targets': ['fc2']}}, found {settings!r}.")
+      settings = dict(settings)
+      if 'targets' in settings:
+        settings['targets'] = _as_tuple(settings['targets'], f"options[{name!r}]['targets']")
+        _check_targets(settings['targets'], f"options[{name!r}]['targets']")
+      options[name] = settings
+    object.__setattr__(self, 'options', options)
 
   def _normalise_heads(self) -> None:
     remove = _as_tuple(self.remove_heads, 'remove_heads')
@@ -235,14 +255,16 @@ class TransferConfig:
   @property
   def adapter_modes(self) -> tuple[str, ...]:
     """The adapter modes in `mode` (without 'linear' and 'full')."""
-    return tuple(m for m in self.modes if m in ADAPTER_MODES)
+    return tuple(m for m in self.modes if m not in BASE_MODES)
 
   @property
   def has_head_surgery(self) -> bool:
     return bool(self.remove_heads or self.keep_heads is not None or self.new_heads)
 
-  def lora_scale(self) -> float:
-    return self.lora_alpha / (self.lora_rank**0.5 if self.use_rslora else self.lora_rank)
-
-  def locon_scale(self) -> float:
-    return self.locon_alpha / self.locon_rank
+  def rules(self) -> list:
+    """The placement rules this config asks for: each adapter mode's methods, in mode order."""
+    out = []
+    for mode in self.adapter_modes:
+      for cls in methods_lib.classes_for_mode(mode):
+        out += cls.rules_from_config(self)
+    return out

@@ -18,7 +18,7 @@ from flax import traverse_util
 
 from flax_adapters import methods as methods_lib
 from flax_adapters import paths as paths_lib
-from flax_adapters.methods.locon import BYPASS
+from flax_adapters.methods.base import BYPASS
 from flax_adapters.tracing import Site
 
 Path = tuple[str, ...]

@@ -15,7 +15,7 @@ import jax
 from flax_adapters import paths as paths_lib
 from flax_adapters.forward import AdaptedModel, SitePlan, check_adapter_leaves
 from flax_adapters.methods import fold_order, sort_methods
-from flax_adapters.surgery import get_subtree, set_subtree
+from flax_adapters.tree import get_subtree, set_subtree
 
 
 def _fold_site(entry: SitePlan, module_params):
@@ -83,15 +83,10 @@ def materialize(params, model: AdaptedModel):
   for entry in model.plan:
     module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))
     if remaining:
+      site = entry.site
       raise ValueError(
-        f'materialize cannot fold {[m.name for m in remaining]} at {paths_lib.dotted(entry.site.path)!r} '
-        f'({entry.site.module_type}): '
-        + (
-          'it is not a weight-space adapter'
-          if any(m.name == 'houlsby' for m in remaining)
-          else 'the module recomputes its kernel (e.g. weight standardization), so a folded delta would be undone'
-        )
-        + '. Run the model with AdaptedModel.apply instead.'
+        f'materialize cannot fold {[m.name for m in remaining]} at {paths_lib.dotted(site.path)!r} '
+        f'({site.module_type}): {fold_order(remaining)[0].fold_refusal(site)}. Run the model with AdaptedModel.apply instead.'
       )
     params = set_subtree(params, entry.site.path, module_params)
   return params

@@ -8,9 +8,11 @@ import numpy as np
 from flax import traverse_util
 
 from flax_adapters.forward import AdaptedModel
+from flax_adapters.methods import summary_groups
 from flax_adapters.training import trainable_mask
 
-GROUP_ORDER = ('trunk', 'norms', 'heads', 'modules_to_save', 'lora', 'locon', 'ia3', 'houlsby')
+# Groups of what is not an adapter; the methods' groups follow in registration order.
+BASE_GROUPS = ('trunk', 'norms', 'heads', 'modules_to_save')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,7 @@ def _group(model: AdaptedModel, key) -> str:
   if entry is not None:
     for m in entry.methods:
       if key[-1] in m.leaf_names:
-        return m.group
+        return m.summary_group()
   t = model.trainable
   for name, prefixes in (('heads', t.heads), ('norms', t.norms), ('modules_to_save', t.others)):
     if any(key[: len(p)] == p for p in prefixes):
@@ -92,5 +94,6 @@ def param_summary(model: AdaptedModel, params) -> ParamSummary:
     n = int(np.prod(np.shape(leaf)))
     c[0] += n
     c[1] += n if mask[key] else 0
-  order = sorted(counts, key=lambda g: GROUP_ORDER.index(g) if g in GROUP_ORDER else len(GROUP_ORDER))
+  groups = BASE_GROUPS + summary_groups()
+  order = sorted(counts, key=lambda g: groups.index(g) if g in groups else len(groups))
   return ParamSummary(tuple(GroupCount(g, *counts[g]) for g in order))

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from flax import traverse_util
 
 from flax_adapters import paths as paths_lib
 
@@ -103,10 +104,6 @@ class Site:
       if name == 'kernel':
         return jnp.dtype(dtype)
     return None
-
-  @property
-  def has_bias(self) -> bool:
-    return any(name == 'bias' for name, _, _ in self.leaves)
 
   def describe(self) -> str:
     return f'{self.name} ({self.module_type}, {self.kind})'
@@ -360,3 +357,82 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
 
   variables = jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr])
   return Trace(variables=variables, sites=sites)
+
+
+# -- bare params trees (no linen model to trace) -----------------------------------------------
+
+
+class _ParamsModule:
+  """Just enough of a linen module for `make_site` to describe a bare params dict."""
+
+  class _Scope:
+    def __init__(self, path):
+      self.path = path
+
+  def __init__(self, path, leaves, kind, n_in):
+    self.scope = self._Scope(path)
+    self.variables = {'params': leaves}
+    self.axis = tuple(range(-(n_in or 1), 0))
+    self.batch_dims = ()
+    self.kernel_size = tuple(np.shape(leaves['kernel'])[:-2]) if kind == 'conv' else None
+    self.strides = 1
+    self.padding = 'SAME'
+    self.input_dilation = 1
+    self.kernel_dilation = 1
+    self.feature_group_count = 1
+    self.precision = None
+
+
+def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
+  """Describe the layers of a bare params tree (NNX state, Equinox, Haiku, ...: no linen model).
+
+  A dict holding a `kernel` is a layer: 2-D kernels are Dense; other ranks need a hint in
+  `kinds` (`'conv'`, or `('dense_general', n_input_axes)`). A dict with a `scale` and no kernel
+  is a norm.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> t = trace_params({'fc': {'kernel': jnp.ones((4, 3))}, 'ln': {'scale': jnp.ones(3)}})
+    >>> t.sites[('fc',)].kind, t.sites[('ln',)].kind
+    ('dense', 'norm')
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(f'`params` must be a nested dict of arrays, found {type(params).__name__}.')
+  kinds = dict(kinds or {})
+  sites = {}
+  flat = traverse_util.flatten_dict(params)
+  for path in sorted({k[:-1] for k in flat}):
+    node = params
+    for key in path:
+      node = node[key]
+    leaves = {k: v for k, v in node.items() if not isinstance(v, Mapping)}
+    hint = None
+    for target, kind in kinds.items():
+      if paths_lib.matches(target, path):
+        hint = kind
+    kernel = leaves.get('kernel')
+    if kernel is None:
+      if hint is not None or 'scale' in leaves:
+        sites[path] = Site(
+          path=path,
+          kind=hint or 'norm',
+          module_type='params',
+          leaves=tuple((n, tuple(np.shape(v)), str(jnp.dtype(v.dtype))) for n, v in sorted(leaves.items())),
+        )
+      continue
+    if hint is None:
+      if np.ndim(kernel) != 2:
+        raise ValueError(
+          f'the kernel at {paths_lib.dotted(path)!r} is {np.ndim(kernel)}-D; say what it is with '
+          f"kinds={{'{paths_lib.dotted(path)}': 'conv'}} or ('dense_general', n_input_axes)."
+        )
+      hint = 'dense'
+    n_in = None
+    if isinstance(hint, tuple):
+      hint, n_in = hint
+    module = _ParamsModule(path, leaves, hint, n_in)
+    x_ndim = (n_in or 1) + 1 if hint != 'conv' else np.ndim(kernel)
+    y = jax.ShapeDtypeStruct((1,) * (x_ndim - (n_in or 1)) + tuple(np.shape(kernel)[(n_in or 1) :]), kernel.dtype)
+    sites[path] = make_site(module, hint, x_ndim, y, {})
+  abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)), params)
+  return Trace(variables={'params': abstract}, sites=sites)

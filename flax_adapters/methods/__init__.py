@@ -1,42 +1,173 @@
-"""Adapter methods: one module of pure array math each, and the registry that orders them.
+"""Adapter methods, and the registry that names them.
 
-The registry order is the forward order within a call: input scales first, then additive deltas,
-then output transforms (IA3 before the Houlsby bottleneck). A new method is one new file and one
-line here.
+Each method is one module of pure array math (one class, see `base.Method`); the registry maps
+names to classes. `TransferConfig`'s modes, the forward order, the summary groups, the leaf names
+that mark adapter leaves in a params tree, checkpoints and PEFT conversion all read the registry, so
+a new method is one file and one `register_method` call — in this package or in user code.
+
+Forward order within a module call: input stages, then additive deltas, then output transforms,
+each in registration order (IA3 before the Houlsby bottleneck).
 """
 
-from flax_adapters.methods.base import FOLD_ORDER, AdapterError, Method
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+from collections.abc import Iterable
+
+from flax_adapters.methods.base import FOLD_ORDER, STAGES, AdapterError, Method
 from flax_adapters.methods.houlsby import Houlsby
 from flax_adapters.methods.ia3 import IA3, IA3FF
 from flax_adapters.methods.locon import Locon
 from flax_adapters.methods.lora import LoRA
 
-REGISTRY: dict[str, type[Method]] = {
-  'ia3_ff': IA3FF,
-  'lora': LoRA,
-  'locon': Locon,
-  'ia3': IA3,
-  'houlsby': Houlsby,
-}
-ORDER = {name: i for i, name in enumerate(REGISTRY)}
-LEAF_NAMES = frozenset(name for cls in REGISTRY.values() for name in cls.leaf_names)
+REGISTRY: dict[str, type[Method]] = {}
+# Leaf names a base model may have; an adapter leaf must not shadow one.
+_RESERVED = frozenset({'kernel', 'bias', 'scale', 'embedding'})
 
 
-def sort_methods(methods):
-  """Methods in forward order."""
-  return tuple(sorted(methods, key=lambda m: ORDER[m.name]))
+def register_method(cls: type[Method]) -> type[Method]:
+  """Add an adapter method class to the registry (usable as a class decorator); returns `cls`.
+
+  The class must subclass `Method`, be a dataclass, and declare `name`, `leaf_names` and `stage`;
+  its name and leaf names must be new.
+
+  Examples:
+    >>> import dataclasses, jax.numpy as jnp
+    >>> import flax_adapters as fa
+    >>> @fa.register_method
+    ... @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class OutputShift(fa.Method):
+    ...   name = 'output_shift'
+    ...   leaf_names = ('shift',)
+    ...   stage = 'output'
+    ...   kinds = ('dense',)
+    ...   def shapes(self, site):
+    ...     return {'shift': site.size(site.feature_out)}
+    ...   def init(self, rng, site, dtype):
+    ...     return {'shift': jnp.zeros(self.shapes(site)['shift'], dtype)}
+    ...   def apply(self, site, leaves, x, y, call, rng=None):
+    ...     return y + leaves['shift'].astype(y.dtype)
+    >>> 'output_shift' in fa.TransferConfig.known_modes()
+    True
+    >>> fa.unregister_method('output_shift')
+  """
+  if not (isinstance(cls, type) and issubclass(cls, Method)):
+    raise TypeError(f'`register_method` takes a subclass of flax_adapters.Method, found {cls!r}.')
+  if not dataclasses.is_dataclass(cls):
+    raise TypeError(f'{cls.__name__} must be a dataclass: decorate it with @dataclasses.dataclass(frozen=True).')
+  for attr in ('name', 'leaf_names', 'stage'):
+    if attr not in dir(cls):
+      raise TypeError(f'{cls.__name__} must declare the class attribute `{attr}`.')
+  if not isinstance(cls.name, str) or not cls.name.isidentifier():
+    raise ValueError(f'{cls.__name__}.name must be an identifier-like string, found {cls.name!r}.')
+  if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+    raise ValueError(
+      f'an adapter method named {cls.name!r} is already registered ({REGISTRY[cls.name].__name__}); '
+      'choose another `name`, or unregister_method it first.'
+    )
+  if cls.stage not in STAGES:
+    raise ValueError(f'{cls.__name__}.stage must be one of {list(STAGES)}, found {cls.stage!r}.')
+  if not cls.leaf_names or not all(isinstance(n, str) and n for n in cls.leaf_names):
+    raise ValueError(f'{cls.__name__}.leaf_names must be a non-empty tuple of strings, found {cls.leaf_names!r}.')
+  taken = {n: other.__name__ for other in REGISTRY.values() if other is not cls for n in other.leaf_names}
+  clash = [n for n in cls.leaf_names if n in taken or n in _RESERVED]
+  if clash:
+    owners = {n: taken.get(n, 'base layers') for n in clash}
+    raise ValueError(
+      f'{cls.__name__}.leaf_names {clash} are already used by {owners}; adapter leaves are recognised by '
+      f"name in a params tree, so give them names of their own (e.g. '{cls.name}_{clash[0]}')."
+    )
+  REGISTRY[cls.name] = cls
+  return cls
 
 
-def fold_order(methods):
+def unregister_method(name: str) -> None:
+  """Remove a method from the registry (e.g. at the end of a test)."""
+  if name not in REGISTRY:
+    raise KeyError(f'no adapter method named {name!r} is registered; registered: {sorted(REGISTRY)}.')
+  del REGISTRY[name]
+
+
+def get_method(name: str) -> type[Method]:
+  if name not in REGISTRY:
+    raise ValueError(
+      f'adapter method {name!r} is not registered (registered: {sorted(REGISTRY)}). If it is your own '
+      'method, import the module that registers it (flax_adapters.register_method) first.'
+    )
+  return REGISTRY[name]
+
+
+class _LeafNames(collections.abc.Set):
+  """The leaf names of every registered method, as a live set (it follows registrations)."""
+
+  def __contains__(self, name) -> bool:
+    return any(name in cls.leaf_names for cls in REGISTRY.values())
+
+  def __iter__(self):
+    return iter(dict.fromkeys(n for cls in REGISTRY.values() for n in cls.leaf_names))
+
+  def __len__(self) -> int:
+    return sum(1 for _ in self)
+
+  def __repr__(self) -> str:
+    return f'LEAF_NAMES({sorted(self)})'
+
+
+LEAF_NAMES = _LeafNames()
+
+
+def modes() -> tuple[str, ...]:
+  """The TransferConfig modes the registered methods provide, in registration order."""
+  out = (cls.transfer_mode() for cls in REGISTRY.values())
+  return tuple(dict.fromkeys(m for m in out if m is not None))
+
+
+def classes_for_mode(mode: str) -> list[type[Method]]:
+  return [cls for cls in REGISTRY.values() if cls.transfer_mode() == mode]
+
+
+def summary_groups() -> tuple[str, ...]:
+  return tuple(dict.fromkeys(cls.summary_group() for cls in REGISTRY.values()))
+
+
+def _registration_index(method: Method) -> int:
+  names = list(REGISTRY)
+  return names.index(method.name) if method.name in names else len(names)
+
+
+def sort_methods(methods: Iterable[Method]) -> tuple[Method, ...]:
+  """Methods in forward order: input stages, then additive, then output; registration order within."""
+  return tuple(sorted(methods, key=lambda m: (STAGES.index(m.stage), _registration_index(m))))
+
+
+def fold_order(methods: Iterable[Method]) -> tuple[Method, ...]:
   """Methods in folding order: additive deltas, then input scales, then output scales."""
-  return tuple(sorted(methods, key=lambda m: (FOLD_ORDER[m.stage], ORDER[m.name])))
+  return tuple(sorted(methods, key=lambda m: (FOLD_ORDER[m.stage], _registration_index(m))))
+
+
+def method_from_peft(peft_type: str, settings) -> Method:
+  """The registered method that PEFT's `peft_type` with these per-module settings stands for."""
+  for cls in REGISTRY.values():
+    if cls.peft_type == peft_type:
+      method = cls.from_peft_settings(settings)
+      if method is not None:
+        return method
+  raise ValueError(
+    f'no registered adapter method reads PEFT {peft_type} adapters with settings {dict(settings)}; '
+    f'methods with a PEFT form: { {n: c.peft_type for n, c in REGISTRY.items() if c.peft_type} }.'
+  )
 
 
 def from_json(d: dict) -> Method:
+  """A method from its `to_json()` form (adapter checkpoints store plans this way)."""
   d = dict(d)
-  cls = REGISTRY[d.pop('method')]
+  cls = get_method(d.pop('method'))
   return cls(**d)
 
+
+for _cls in (LoRA, Locon, IA3, IA3FF, Houlsby):
+  register_method(_cls)
 
 __all__ = [
   'IA3',
@@ -48,7 +179,14 @@ __all__ = [
   'LoRA',
   'Locon',
   'Method',
+  'classes_for_mode',
   'fold_order',
   'from_json',
+  'get_method',
+  'method_from_peft',
+  'modes',
+  'register_method',
   'sort_methods',
+  'summary_groups',
+  'unregister_method',
 ]

@@ -16,13 +16,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_adapters.methods.base import AdapterError, Method, broadcast_to, kaiming_uniform
+from flax_adapters.methods.base import (
+  AdapterError,
+  Method,
+  broadcast_to,
+  check_choice,
+  check_positive_int,
+  kaiming_uniform,
+)
 from flax_adapters.tracing import LATENT, LINEAR_KINDS, Site
 
 ACTIVATIONS = {'relu': jax.nn.relu, 'gelu': jax.nn.gelu, 'silu': jax.nn.silu, 'tanh': jnp.tanh}
+PLACEMENTS = ('block', 'linear')
+INITS = ('zero_up', 'alphagenome')
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Houlsby(Method):
   """A residual bottleneck on a module's output features.
 
@@ -37,12 +46,48 @@ class Houlsby(Method):
   name = 'houlsby'
   leaf_names = ('houlsby_down', 'houlsby_down_bias', 'houlsby_up', 'houlsby_up_bias')
   stage = 'output'
-  group = 'houlsby'
+  weight_space = False
 
   latent_dim: int = 8
+  # 'block': wrap the output of a sub-block ('mha', 'mlp'); 'linear': of a linear layer.
   placement: str = 'block'
   activation: str = 'relu'
   init_scheme: str = 'zero_up'
+
+  def __post_init__(self):
+    check_positive_int(self.latent_dim, 'latent_dim')
+    check_choice(
+      self.placement,
+      PLACEMENTS,
+      'placement',
+      "'block' wraps sub-blocks such as 'mha'/'mlp'; 'linear' wraps individual linear layers.",
+    )
+    check_choice(self.activation, tuple(ACTIVATIONS), 'activation')
+    check_choice(self.init_scheme, INITS, 'init_scheme')
+
+  @classmethod
+  def rules_from_config(cls, config):
+    from flax_adapters.rules import Rule  # pylint: disable=g-import-not-at-top
+
+    if not config.houlsby_targets:
+      raise ValueError("`houlsby_targets` is empty but mode includes 'houlsby'; e.g. ['mha', 'mlp'].")
+    method = cls(
+      latent_dim=config.houlsby_latent_dim,
+      placement=config.houlsby_placement,
+      activation=config.houlsby_activation,
+      init_scheme=config.houlsby_init,
+    )
+    return [Rule(target=t, methods=(method,), argument='houlsby_targets') for t in config.houlsby_targets]
+
+  def placement_kinds(self):
+    return (('block',), True) if self.placement == 'block' else (LINEAR_KINDS, False)
+
+  def peft_refusal(self, site):
+    return (
+      f"{site.name} has a houlsby adapter, which PEFT's LoRA/IA3 formats cannot hold (a bottleneck on a module's "
+      'output is not a weight-space adapter). Fix: keep it as a flax adapter checkpoint (save_adapters); it cannot '
+      'be merged into the weights either'
+    )
 
   def check(self, site: Site) -> None:
     if self.placement == 'block':
@@ -64,6 +109,13 @@ class Houlsby(Method):
     if site.unsupported_letters:
       raise AdapterError(
         f'Houlsby cannot wrap {site.describe()}: its kernel has batch axes {site.unsupported_letters!r}.'
+      )
+    features = int(np.prod(site.size(site.feature_out)))
+    if self.latent_dim > features:
+      raise AdapterError(
+        f'`houlsby_latent_dim`={self.latent_dim} is larger than the {features} output features of '
+        f'{site.describe()}: a bottleneck wider than what it wraps adds parameters without a bottleneck. '
+        f'Lower `houlsby_latent_dim` (at most {features}).'
       )
 
   def layout(self, site):

@@ -9,8 +9,6 @@ call and would undo the fold, so there Locon stays and runs factored after mergi
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 
 import jax
@@ -18,23 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from flax_adapters.methods.base import AdapterError, Method, kaiming_uniform
-from flax_adapters.tracing import RANK, Site
-
-# Set while an adapter runs linen modules of its own, so the adapted forward leaves them alone.
-BYPASS = contextvars.ContextVar('flax_adapters_bypass', default=False)
-
-
-@contextlib.contextmanager
-def bypass_interceptor():
-  token = BYPASS.set(True)
-  try:
-    yield
-  finally:
-    BYPASS.reset(token)
+from flax_adapters.methods.base import (
+  AdapterError,
+  Method,
+  bypass_interceptor,
+  check_positive_int,
+  check_positive_number,
+  fold_dtype,
+  kaiming_uniform,
+)
+from flax_adapters.tracing import LINEAR_KINDS, RANK, Site
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Locon(Method):
   """Low-rank adaptation of a Conv kernel (1-D, 2-D, ...) as a down conv and a 1x1 up conv.
 
@@ -49,10 +43,32 @@ class Locon(Method):
   name = 'locon'
   leaf_names = ('locon_down', 'locon_up')
   stage = 'additive'
-  group = 'locon'
+  kinds = ('conv',)
 
   rank: int = 4
   alpha: float = 1.0
+
+  def __post_init__(self):
+    check_positive_int(self.rank, 'rank')
+    check_positive_number(self.alpha, 'alpha')
+
+  @classmethod
+  def rules_from_config(cls, config):
+    from flax_adapters.rules import Rule  # pylint: disable=g-import-not-at-top
+
+    if not config.locon_targets:
+      raise ValueError(
+        "`locon_targets` is empty but mode includes 'locon'; Locon needs the conv layers to "
+        "adapt, e.g. locon_targets=['down_blocks.4', 'down_blocks.5']."
+      )
+    method = cls(rank=config.locon_rank, alpha=config.locon_alpha)
+    return [Rule(target=t, methods=(method,), argument='locon_targets') for t in config.locon_targets]
+
+  def peft_refusal(self, site):
+    return (
+      f"{site.name} has a locon adapter, and PEFT's conv LoRA is not mapped for this model. "
+      'Fix: export_merged folds it into the base weights'
+    )
 
   @property
   def scale(self) -> float:
@@ -60,11 +76,7 @@ class Locon(Method):
 
   def check(self, site: Site) -> None:
     if site.kind != 'conv' or site.kernel_shape is None:
-      hint = (
-        " Use 'lora' with `lora_targets` for linear layers."
-        if site.kind in ('dense', 'dense_general', 'einsum')
-        else ''
-      )
+      hint = " Use 'lora' with `lora_targets` for linear layers." if site.kind in LINEAR_KINDS else ''
       raise AdapterError(
         f'Locon adapts convolutions (nn.Conv and its subclasses), but {site.describe()} is not one.{hint}'
       )
@@ -126,5 +138,5 @@ class Locon(Method):
     if not site.mergeable:
       return None
     kernel = module_params['kernel']
-    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    dtype = fold_dtype(kernel)
     return {**module_params, 'kernel': (kernel.astype(dtype) + self.delta(site, leaves, dtype)).astype(kernel.dtype)}

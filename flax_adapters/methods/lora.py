@@ -8,13 +8,22 @@ A is uniform(±1/sqrt(fan_in)), B zeros: the adapted layer starts equal to the b
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_adapters.methods.base import AdapterError, Method, kaiming_uniform, require_kernel_letters
+from flax_adapters.methods.base import (
+  AdapterError,
+  Method,
+  check_positive_int,
+  check_positive_number,
+  fold_dtype,
+  kaiming_uniform,
+  require_kernel_letters,
+)
 from flax_adapters.tracing import LINEAR_KINDS, RANK, Contraction, Site
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -32,7 +41,11 @@ def _factored(specs, scale, x, a, b):
   return jnp.einsum(f'{ts},{bs}->{ys}', t, b)
 
 
-@dataclasses.dataclass(frozen=True)
+def _fans(site: Site) -> tuple[int, int]:
+  return math.prod(site.size(site.feature_in)), math.prod(site.size(site.feature_out))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA(Method):
   """Low-rank adaptation of a Dense, DenseGeneral or Einsum kernel.
 
@@ -46,7 +59,8 @@ class LoRA(Method):
   name = 'lora'
   leaf_names = ('lora_a', 'lora_b')
   stage = 'additive'
-  group = 'lora'
+  kinds = LINEAR_KINDS
+  peft_type = 'LORA'
 
   # Rank r of the delta.
   rank: int = 8
@@ -57,6 +71,25 @@ class LoRA(Method):
   # when apply is given the 'adapter_dropout' rng stream.
   dropout: float = 0.0
 
+  def __post_init__(self):
+    check_positive_int(self.rank, 'rank')
+    check_positive_number(self.alpha, 'alpha')
+    if not isinstance(self.use_rslora, bool):
+      raise TypeError(f'`use_rslora` must be a bool, found {self.use_rslora!r}.')
+    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+      raise ValueError(f'`dropout` must be a number in [0, 1), found {self.dropout!r}.')
+
+  @classmethod
+  def rules_from_config(cls, config):
+    from flax_adapters.rules import Rule  # pylint: disable=g-import-not-at-top
+
+    if not config.lora_targets:
+      raise ValueError("`lora_targets` is empty but mode includes 'lora'; name the layers, e.g. ['q_proj', 'v_proj'].")
+    method = cls(
+      rank=config.lora_rank, alpha=config.lora_alpha, use_rslora=config.use_rslora, dropout=float(config.lora_dropout)
+    )
+    return [Rule(target=t, methods=(method,), argument='lora_targets') for t in config.lora_targets]
+
   @property
   def needs_rng(self) -> bool:
     return self.dropout > 0
@@ -64,6 +97,13 @@ class LoRA(Method):
   @property
   def scale(self) -> float:
     return float(self.alpha / (np.sqrt(self.rank) if self.use_rslora else self.rank))
+
+  def same_effect(self, other) -> bool:
+    return (
+      isinstance(other, LoRA)
+      and (other.rank, other.dropout) == (self.rank, self.dropout)
+      and math.isclose(other.scale, self.scale, rel_tol=1e-12)
+    )
 
   def check(self, site: Site) -> None:
     if site.kind in ('conv', 'conv_other'):
@@ -78,10 +118,7 @@ class LoRA(Method):
         'custom linear module.'
       )
     require_kernel_letters('LoRA', site)
-    fan_in = int(np.prod(site.size(site.feature_in)))
-    fan_out = int(np.prod(site.size(site.feature_out)))
-    if not 0 <= self.dropout < 1:
-      raise AdapterError(f'`lora_dropout` must be in [0, 1), found {self.dropout!r}.')
+    fan_in, fan_out = _fans(site)
     if self.rank > min(fan_in, fan_out):
       raise AdapterError(
         f'`lora_rank`={self.rank} is larger than {site.describe()} allows: its kernel '
@@ -100,9 +137,8 @@ class LoRA(Method):
 
   def init(self, rng, site: Site, dtype) -> dict[str, jax.Array]:
     shapes = self.shapes(site)
-    fan_in = int(np.prod(site.size(site.feature_in)))
     return {
-      'lora_a': kaiming_uniform(rng, shapes['lora_a'], fan_in, dtype),
+      'lora_a': kaiming_uniform(rng, shapes['lora_a'], _fans(site)[0], dtype),
       'lora_b': jnp.zeros(shapes['lora_b'], dtype),
     }
 
@@ -128,6 +164,35 @@ class LoRA(Method):
     if not site.mergeable:
       return None
     kernel = module_params['kernel']
-    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    dtype = fold_dtype(kernel)
     merged = kernel.astype(dtype) + self.delta(site, leaves, dtype)
     return {**module_params, 'kernel': merged.astype(kernel.dtype)}
+
+  # -- PEFT: lora_A.weight [r, in], lora_B.weight [out, r] (Linear-shaped, also on HF Conv1D) ------
+
+  def peft_shapes(self, site):
+    fan_in, fan_out = _fans(site)
+    return {'lora_A.weight': (self.rank, fan_in), 'lora_B.weight': (fan_out, self.rank)}
+
+  def to_peft(self, site, leaves):
+    a = np.asarray(leaves['lora_a'], np.float32).reshape(-1, self.rank)
+    b = np.asarray(leaves['lora_b'], np.float32).reshape(self.rank, -1)
+    tensors = {'lora_A.weight': np.ascontiguousarray(a.T), 'lora_B.weight': np.ascontiguousarray(b.T)}
+    settings = {'r': self.rank, 'lora_alpha': self.alpha, 'use_rslora': self.use_rslora, 'lora_dropout': self.dropout}
+    return tensors, settings
+
+  @classmethod
+  def from_peft_settings(cls, settings):
+    return cls(
+      rank=settings['r'],
+      alpha=settings['lora_alpha'],
+      use_rslora=bool(settings.get('use_rslora', False)),
+      dropout=float(settings.get('lora_dropout') or 0.0),
+    )
+
+  def from_peft(self, site, tensors):
+    shapes = self.shapes(site)
+    return {
+      'lora_a': np.reshape(tensors['lora_A.weight'].T, shapes['lora_a']),
+      'lora_b': np.reshape(tensors['lora_B.weight'].T, shapes['lora_b']),
+    }

@@ -228,12 +228,12 @@ def gpt2():
     (
       {'c_attn': fa.LoRA(rank=4), 'c_fc': fa.IA3()},
       {},
-      r'it mixes LoRA and IA3 adapters, but a PEFT directory holds one adapter type\. Fix: export two models',
+      r'it mixes IA3 and LORA adapters, but a PEFT directory holds one adapter type\. Fix: export one model per type',
     ),
     (
       {'c_fc': [fa.IA3(), fa.IA3FF()]},
       {},
-      r'transformer\.h\.0\.mlp\.c_fc has both IA3 and IA3_FF, but PEFT keeps one ia3_l per module',
+      r'transformer\.h\.0\.mlp\.c_fc has both ia3_ff and ia3, but PEFT keeps one IA3 adapter per module',
     ),
     (
       {'c_fc': fa.LoRA(rank=4)},

@@ -178,3 +178,76 @@ def test_bad_arguments(setup):
   adapted, p = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='lora'), x)
   with pytest.raises(TypeError, match=re.escape("`variables` must be a dict with a 'params' collection")):
     adapted.apply(p, x)
+
+
+# -- issue 9: values that would silently give NaN, hang, or fail late are refused where written ------
+
+
+@pytest.mark.parametrize('value', [float('nan'), float('inf'), -float('inf')])
+def test_non_finite_alpha_is_refused_in_config_and_method(value):
+  with pytest.raises(ValueError, match=r'`lora_alpha` must be a (finite )?positive'):
+    fa.TransferConfig(mode='lora', lora_alpha=value)
+  with pytest.raises(ValueError, match=r'`locon_alpha` must be a (finite )?positive'):
+    fa.TransferConfig(mode='locon', locon_targets=['conv1d'], locon_alpha=value)
+  with pytest.raises(ValueError, match=r'`alpha` must be a positive finite number'):
+    fa.LoRA(alpha=value)
+  with pytest.raises(ValueError, match=r'`alpha` must be a positive finite number'):
+    fa.Locon(alpha=value)
+
+
+@pytest.mark.parametrize('rank', [0, -2, 2.5, True])
+def test_bad_method_ranks_are_refused_at_construction(rank):
+  with pytest.raises(ValueError, match=rf'`rank` must be a positive integer, found {rank!r}'):
+    fa.LoRA(rank=rank)
+  with pytest.raises(ValueError, match=rf'`rank` must be a positive integer, found {rank!r}'):
+    fa.Locon(rank=rank)
+
+
+def test_bad_method_options_are_refused_at_construction():
+  with pytest.raises(ValueError, match=r'`dropout` must be a number in \[0, 1\), found 1.5'):
+    fa.LoRA(dropout=1.5)
+  with pytest.raises(ValueError, match=r"`placement` must be one of \['block', 'linear'\], found 'blok'"):
+    fa.Houlsby(placement='blok')
+  with pytest.raises(ValueError, match=r'`latent_dim` must be a positive integer, found 0'):
+    fa.Houlsby(latent_dim=0)
+  with pytest.raises(TypeError, match=r'LoRA.__init__\(\) takes 1 positional argument'):
+    fa.LoRA(8)  # keyword-only, like qwix's rules: LoRA(rank=8)
+
+
+def test_huge_houlsby_latent_dim_fails_before_allocating(setup):
+  with pytest.raises(
+    ValueError, match=r'`houlsby_latent_dim`=10000000000 is larger than the 16 output features of blocks\.0\.mha'
+  ):
+    prepare(setup, mode='houlsby', houlsby_latent_dim=10**10)
+
+
+@pytest.mark.parametrize('dtype', ['foo', 'int32', 3])
+def test_bad_adapter_dtype_is_refused_in_config(dtype):
+  with pytest.raises(TypeError, match='`adapter_dtype` must be a floating dtype'):
+    fa.TransferConfig(mode='lora', adapter_dtype=dtype)
+
+
+def test_linear_mode_with_every_head_removed(setup):
+  with pytest.raises(
+    ValueError,
+    match=r"mode 'linear' trains the heads only, but no head is left after `remove_heads`/`keep_heads` and "
+    r'`modules_to_save` is empty, so nothing would train',
+  ):
+    prepare(setup, mode='linear', remove_heads=['atac', 'dnase'])
+  adapted, p = prepare(setup, mode='lora', remove_heads=['atac', 'dnase'])  # adapters still train: fine
+  assert adapted.plan and p['heads'] == {}
+
+
+def test_rules_that_match_nothing_are_reported_together(setup):
+  model, params, x = setup
+  rules = [
+    fa.Rule(target='q_prj', methods=fa.LoRA(rank=2)),
+    fa.Rule(target='q_proj', methods=fa.LoRA(rank=2)),
+    fa.Rule(target='fc9', methods=fa.IA3()),
+  ]
+  with pytest.raises(
+    ValueError,
+    match=r"`rules\[0\]` entry 'q_prj' matches no module\. Nearest module paths: \[.*q_proj.*\]\. "
+    r"`rules\[2\]` entry 'fc9' matches no module\.",
+  ):
+    fa.adapt(model, params, rules, x)

@@ -7,7 +7,7 @@ import pytest
 
 import flax_adapters as fa
 from flax_adapters.models import layers
-from flax_adapters.train import make_train_step
+from flax_adapters.training import make_train_step
 from tests.core import testnet as net
 from tests.core.helpers import config, perturb
 

@@ -1,0 +1,84 @@
+"""The heads protocol, and head surgery (remove, keep, add heads) on a model and its params.
+
+A model takes part in head surgery if it has a field `heads` (a mapping, or a tuple of
+`(name, spec)` pairs, from head name to `{'modality': str, 'num_tracks': int}`) and keeps each
+head's parameters under `params['heads'][name]`. `model.clone(heads=...)` must build the same
+trunk with other heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+HEADS_KEY = 'heads'
+
+
+def model_heads(model) -> dict[str, dict] | None:
+  """The model's heads as `{name: spec}`, or None if it does not follow the heads protocol."""
+  heads = getattr(model, 'heads', None)
+  if heads is None:
+    return None
+  if isinstance(heads, Mapping):
+    return {k: dict(v) for k, v in heads.items()}
+  if isinstance(heads, Sequence) and all(isinstance(h, Sequence) and len(h) == 2 for h in heads):
+    return {k: dict(v) for k, v in heads}
+  raise TypeError(
+    f'{type(model).__name__}.heads must map head names to specs (a dict or (name, spec) pairs), found {heads!r}.'
+  )
+
+
+def swap_heads(model: nn.Module, *, remove=(), keep=None, new=None) -> tuple[nn.Module, list[str], list[str]]:
+  """The model with heads removed / kept / added, the names of the heads kept, and of the new ones."""
+  new = dict(new or {})
+  current = model_heads(model)
+  if current is None:
+    raise TypeError(
+      f'`remove_heads`/`keep_heads`/`new_heads` need a model with a `heads` field, but '
+      f'{type(model).__name__} has none. Follow the heads protocol (see flax_adapters.heads), or '
+      'train your own output layer with `modules_to_save`.'
+    )
+  named = list(remove) + list(keep or ())
+  unknown = [h for h in named if h not in current]
+  if unknown:
+    raise ValueError(
+      f'head(s) {unknown} named in `remove_heads`/`keep_heads` do not exist; the model has heads {list(current)}.'
+    )
+  kept = [h for h in current if h in keep] if keep is not None else [h for h in current if h not in remove]
+  clash = [h for h in new if h in kept]
+  if clash:
+    raise ValueError(
+      f'`new_heads` {clash} already exist in the model; remove them first (remove_heads={clash}) or choose new names.'
+    )
+  specs = {h: current[h] for h in kept}
+  specs.update(new)
+  heads = specs if isinstance(model.heads, Mapping) else tuple((k, dict(v)) for k, v in specs.items())
+  return model.clone(heads=heads), kept, list(new)
+
+
+def _concrete(args):
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a, args)
+
+
+def init_heads(model: nn.Module, names, rng, args, kwargs) -> dict:
+  """Initialise only the named heads (jit + dead-code elimination skips the trunk's init)."""
+  if not names:
+    return {}
+
+  def init(key):
+    a, kw = _concrete((args, kwargs))
+    params = model.init({'params': key, 'dropout': key}, *a, **kw)['params']
+    return {h: params[HEADS_KEY][h] for h in names}
+
+  return jax.jit(init)(rng)
+
+
+def transplant(model: nn.Module, params, rng, args, kwargs, *, remove=(), keep=None, new=None):
+  """Head surgery on the model and its params: kept heads keep their arrays, new heads are initialised."""
+  model, kept, added = swap_heads(model, remove=remove, keep=keep, new=new)
+  fresh = init_heads(model, added, rng, args, kwargs)
+  old = params.get(HEADS_KEY, {})
+  return model, {**params, HEADS_KEY: {**{h: old[h] for h in kept if h in old}, **fresh}}

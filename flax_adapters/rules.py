@@ -1,0 +1,173 @@
+"""Placement rules: which adapter methods go on which modules.
+
+A `Rule` is a target and the methods it places on every module the target matches (of the kinds
+each method adapts). A target is a substring of a dotted module path (`'q_proj'`,
+`'down_blocks.4'`; linen's `blocks_0` reads as `blocks.0`), `'re:<regex>'` or a compiled regex
+matched against the whole path. Rules are an ordered sequence, frozen, one per target (after qwix's
+rule dataclasses); `TransferConfig.rules()` compiles a config into them, and `adapt` takes them
+directly. A rule that matches nothing is an error; all such rules are reported together, each
+with the module paths nearest to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flax_adapters import paths as paths_lib
+from flax_adapters.methods import AdapterError, Method, sort_methods
+from flax_adapters.tracing import Site
+
+Path = tuple[str, ...]
+Target = str | re.Pattern
+
+
+def check_target(target: Any, argument: str) -> None:
+  """A target is a non-empty string, `'re:<regex>'` with a valid regex, or a compiled pattern."""
+  if isinstance(target, re.Pattern):
+    return
+  if not isinstance(target, str) or not target:
+    raise TypeError(
+      f'`{argument}` entries must be non-empty strings (substrings of module paths such as '
+      f"'q_proj'), 're:<regex>' strings or compiled regexes; found {target!r}."
+    )
+  if target.startswith('re:'):
+    try:
+      re.compile(target[3:])
+    except re.error as e:
+      raise ValueError(f'`{argument}` entry {target!r} is not a valid regex: {e}.') from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+  """Place `methods` on every module that `target` matches.
+
+  `argument` is the name error messages blame (`'lora_targets'` for rules compiled from a
+  `TransferConfig`); by default the rule's position, `rules[i]`.
+
+  Examples:
+    >>> import flax_adapters as fa
+    >>> rule = fa.Rule(target='q_proj', methods=fa.LoRA(rank=4))
+    >>> rule.methods
+    (LoRA(rank=4, alpha=16.0, use_rslora=False, dropout=0.0),)
+  """
+
+  target: Target
+  methods: Method | Sequence[Method]
+  argument: str | None = None
+
+  def __post_init__(self):
+    methods = (self.methods,) if isinstance(self.methods, Method) else self.methods
+    if isinstance(methods, (str, bytes)) or not isinstance(methods, Sequence) or not methods:
+      raise TypeError(f'`methods` of the rule for {self.target!r} must be a method or a non-empty list of methods.')
+    for m in methods:
+      if not isinstance(m, Method):
+        raise TypeError(
+          f'`methods` of the rule for {self.target!r} must be adapter methods (fa.LoRA(...), fa.IA3(), ...), found {m!r}.'
+        )
+    object.__setattr__(self, 'methods', tuple(methods))
+    check_target(self.target, self.argument or 'rules')
+
+  @property
+  def name(self) -> str:
+    return self.argument or 'rules'
+
+
+def as_rules(rules, argument: str = 'rules') -> tuple[Rule, ...]:
+  """Normalise rules: `Rule`s, `(target, method or methods)` pairs, or a mapping target -> methods."""
+  if isinstance(rules, Mapping):
+    rules = list(rules.items())
+  if isinstance(rules, Rule):
+    rules = [rules]
+  if isinstance(rules, (str, bytes)) or not isinstance(rules, Sequence):
+    raise TypeError(
+      f'`{argument}` must be a sequence of fa.Rule or (target, method) pairs, or a mapping such as '
+      f"{{'q_proj': fa.LoRA(rank=8)}}; found {type(rules).__name__}."
+    )
+  out = []
+  for i, rule in enumerate(rules):
+    if isinstance(rule, Rule):
+      out.append(rule if rule.argument else dataclasses.replace(rule, argument=f'{argument}[{i}]'))
+    elif isinstance(rule, tuple) and len(rule) == 2:
+      target, methods = rule
+      label = (
+        f'{argument}[{paths_lib.describe_target(target)!r}]' if isinstance(target, (str, re.Pattern)) else argument
+      )
+      out.append(Rule(target=target, methods=methods, argument=label))
+    else:
+      raise TypeError(f'`{argument}[{i}]` must be a fa.Rule or a (target, method) pair, found {rule!r}.')
+  return tuple(out)
+
+
+def _topmost(paths: list[Path]) -> list[Path]:
+  chosen = set(paths)
+  return [p for p in paths if not any(p[:i] in chosen for i in range(len(p)))]
+
+
+def _no_match(target, argument: str, sites) -> str:
+  return (
+    f'`{argument}` entry {paths_lib.describe_target(target)!r} matches no module. Nearest module '
+    f'paths: {paths_lib.near_misses(target, sites)}.'
+  )
+
+
+_HOW_TARGETS_MATCH = (
+  " Targets are substrings of dotted paths (linen's 'blocks_0' reads as 'blocks.0'), or 're:<regex>' matched "
+  'against the whole path.'
+)
+
+
+def select(sites: Mapping[Path, Site], target, argument: str, kinds=None, topmost=False) -> list[Path]:
+  """Paths of sites that `target` matches (of the given kinds); errors if it matches nothing."""
+  matched = [p for p in sites if paths_lib.matches(target, p)]
+  if not matched:
+    raise ValueError(_no_match(target, argument, sites) + _HOW_TARGETS_MATCH)
+  if kinds is not None:
+    matched = [p for p in matched if sites[p].kind in kinds]
+  return _topmost(matched) if topmost else matched
+
+
+def topmost(paths) -> tuple[Path, ...]:
+  return tuple(_topmost(list(paths)))
+
+
+def place(sites: Mapping[Path, Site], rules: Sequence[Rule]) -> dict[Path, tuple[Method, ...]]:
+  """Which methods go on which module (in forward order), every placement checked.
+
+  Raises when rules match no module (all of them listed), when a method cannot adapt a module
+  its rule matches (the method says why), or when one method would land twice on one module.
+  """
+  unmatched = [r for r in rules if not any(paths_lib.matches(r.target, p) for p in sites)]
+  if unmatched:
+    raise ValueError(' '.join(_no_match(r.target, r.name, sites) for r in unmatched) + _HOW_TARGETS_MATCH)
+  placed: dict[Path, dict[str, tuple[Method, Rule]]] = {}
+  for rule in rules:
+    every = [p for p in sites if paths_lib.matches(rule.target, p)]
+    for method in rule.methods:
+      kinds, only_topmost = method.placement_kinds()
+      fitting = [p for p in every if sites[p].kind in kinds]
+      fitting = _topmost(fitting) if only_topmost else fitting
+      if not fitting:
+        # Let the method explain why the closest wrong module does not fit.
+        wrong = sorted(every, key=lambda p: (sites[p].kind == 'block', len(p)))
+        method.check(sites[wrong[0]])
+        raise AdapterError(
+          f'`{rule.name}` entry {paths_lib.describe_target(rule.target)!r} matches no module that '
+          f'{method.name} can adapt (it adapts {list(kinds)}).'
+        )
+      for path in fitting:
+        method.check(sites[path])
+        method.check_size(sites[path])
+        previous = placed.setdefault(path, {}).get(method.name)
+        if previous is not None:
+          before = previous[1]
+          where = f'in `{rule.name}`' if before.name == rule.name else f'in `{before.name}` and `{rule.name}`'
+          raise ValueError(
+            f'{method.name} would be added twice to {paths_lib.dotted(path)}: both '
+            f'{paths_lib.describe_target(before.target)!r} and {paths_lib.describe_target(rule.target)!r} {where} '
+            'match it. Each layer gets one adapter of each kind; make the targets disjoint.'
+          )
+        placed[path][method.name] = (method, rule)
+  return {path: sort_methods(m for m, _ in entries.values()) for path, entries in placed.items()}

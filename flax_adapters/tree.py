@@ -1,0 +1,82 @@
+"""Small helpers over nested-dict params trees (flax.traverse_util does the flattening)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flax import traverse_util
+
+Path = tuple[str, ...]
+
+
+def get_subtree(params: Mapping, path: Path) -> Mapping:
+  node = params
+  for key in path:
+    node = node[key]
+  return node
+
+
+def set_subtree(params: Mapping, path: Path, value) -> dict:
+  """A copy of `params` with the subtree at `path` replaced (untouched branches are shared)."""
+  if not path:
+    return value
+  out = dict(params)
+  out[path[0]] = set_subtree(params[path[0]], path[1:], value)
+  return out
+
+
+def has_leaves(tree) -> bool:
+  return bool(traverse_util.flatten_dict(tree)) if isinstance(tree, Mapping) else tree is not None
+
+
+def _listed(keys: list[str], n: int = 6) -> str:
+  return ', '.join(keys[:n]) + (' ...' if len(keys) > n else '')
+
+
+def check_params_fit(
+  params, abstract, *, argument: str = 'params', adapter_leaves=frozenset(), base_leaves=None
+) -> None:
+  """Raise if `params` does not have the structure and shapes of `abstract` (the model's init).
+
+  Leaves named in `adapter_leaves` that the base model does not create (`base_leaves`, default the
+  leaves of `abstract`) mean the tree was adapted already.
+  """
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      f"`{argument}` must be a nested dict of arrays (the model's params collection), found {type(params).__name__}."
+    )
+  if 'params' in params and 'params' not in abstract:
+    raise TypeError(
+      f"`{argument}` looks like a variables dict (it has a 'params' key); pass its params "
+      "collection: variables['params']."
+    )
+  given = traverse_util.flatten_dict(params)
+  expected = traverse_util.flatten_dict(abstract)
+  base = expected if base_leaves is None else traverse_util.flatten_dict(base_leaves)
+  adapters = sorted('/'.join(k) for k in given if k[-1] in adapter_leaves and k not in base)
+  if adapters:
+    raise ValueError(
+      f'`{argument}` already holds adapter leaves ({_listed(adapters, 4)}). Start from the base params, or '
+      'merge_adapters first.'
+    )
+  missing = sorted('/'.join(k) for k in expected if k not in given)
+  unexpected = sorted('/'.join(k) for k in given if k not in expected)
+  wrong = [
+    f'{"/".join(k)}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
+    for k in expected
+    if k in given and tuple(np.shape(given[k])) != tuple(expected[k].shape)
+  ]
+  if missing or unexpected or wrong:
+    lines = []
+    if missing:
+      lines.append(f'missing {len(missing)}: {_listed(missing)}')
+    if unexpected:
+      lines.append(f'unexpected {len(unexpected)}: {_listed(unexpected)}')
+    if wrong:
+      lines.append(f'wrong shape {len(wrong)}: {"; ".join(wrong[:6])}{" ..." if len(wrong) > 6 else ""}')
+    raise ValueError(
+      f'`{argument}` does not fit the model: '
+      + ' | '.join(lines)
+      + '. Pass the params this model was initialised or converted with (and the same config).'
+    )

@@ -1,48 +1,45 @@
 """Issue 2, items 1-2: adapters start as the identity; trainable counts follow the formulas."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import flax_adapters as fa
 from tests.core import testnet as net
-from tests.core.helpers import COMBINATIONS, config, max_diff, n_params
-
-
-@pytest.fixture(scope='module')
-def f64():
-  with jax.enable_x64(True):
-    yield net.make(jnp.float64)
-
-
-def _with_x64(fn):
-  with jax.enable_x64(True):
-    return fn()
-
+from tests.core.helpers import COMBINATIONS, config, n_params
 
 # Every combination at block placement, and the houlsby ones again at linear placement.
-CASES = [(m, 'block') for m in COMBINATIONS + [('linear', 'lora', 'locon')]] + [
+CASES = [(m, 'block') for m in [*COMBINATIONS, ('linear', 'lora', 'locon')]] + [
   (m, 'linear') for m in COMBINATIONS if 'houlsby' in m
 ]
 
 
-@pytest.mark.parametrize('mode,placement', CASES, ids=lambda v: '+'.join(v) if isinstance(v, tuple) else v)
-def test_adapted_forward_equals_base_at_init_float64(f64, mode, placement):
-  model, params, x = f64
+class IdentityAtInitTest(chex.TestCase):
+  """Zero-initialised B / up projections and unit IA3 scales make the start exact, jitted or not."""
 
-  def run():
-    targets = ['mha', 'mlp'] if placement == 'block' else ['q_proj', 'fc1', 'mix']
-    cfg = config(mode, houlsby_placement=placement, houlsby_targets=targets)
-    adapted, p = fa.prepare_for_transfer(model, params, cfg, x, rng=jax.random.key(7))
-    if cfg.adapter_modes:
-      assert adapted.plan, 'adapter modes must place adapters'
-    leaves = jax.tree.leaves(p)
-    assert all(l.dtype == jnp.float64 for l in leaves)
-    return max_diff(adapted.apply({'params': p}, x), model.apply({'params': params}, x))
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    with jax.enable_x64(True):
+      cls.f64 = net.make(jnp.float64)
 
-  # Zero-initialised B / up projections and unit IA3 scales make the start exact; 1e-12 is float64 noise.
-  assert _with_x64(run) <= 1e-12
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters((f'{"+".join(mode)}_{placement}', mode, placement) for mode, placement in CASES)
+  def test_adapted_forward_equals_base_at_init_float64(self, mode, placement):
+    model, params, x = self.f64
+    with jax.enable_x64(True):
+      targets = ['mha', 'mlp'] if placement == 'block' else ['q_proj', 'fc1', 'mix']
+      cfg = config(mode, houlsby_placement=placement, houlsby_targets=targets)
+      adapted, p = fa.prepare_for_transfer(model, params, cfg, x, rng=jax.random.key(7))
+      if cfg.adapter_modes:
+        assert adapted.plan, 'adapter modes must place adapters'
+      assert all(l.dtype == jnp.float64 for l in jax.tree.leaves(p))
+      forward = self.variant(lambda p, x: adapted.apply({'params': p}, x))
+      # 1e-12 is float64 noise.
+      chex.assert_trees_all_close(forward(p, x), model.apply({'params': params}, x), atol=1e-12, rtol=0)
 
 
 # The analytic number of parameters each adapter adds on the test model (see testnet.py).

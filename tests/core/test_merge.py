@@ -1,11 +1,12 @@
 """Issue 2, items 4-5: merging, materialize, and the factored forward agree."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from flax import linen as nn
-from flax import traverse_util
 
 import flax_adapters as fa
 from tests.core import testnet as net
@@ -20,31 +21,34 @@ def _trained(mode, dtype=jnp.float32, **kw):
   return model, params, x, adapted, perturb(p, jax.random.key(4))
 
 
-def _same_structure(a, b):
-  fa_, fb = traverse_util.flatten_dict(a), traverse_util.flatten_dict(b)
-  assert set(fa_) == set(fb)
-  for k in fa_:
-    assert fa_[k].shape == fb[k].shape and fa_[k].dtype == fb[k].dtype, k
+_MODE_NAMES = [(('+'.join(m) if isinstance(m, tuple) else m), m) for m in MERGEABLE]
 
 
-@pytest.mark.parametrize('mode', MERGEABLE, ids=lambda m: '+'.join(m) if isinstance(m, tuple) else m)
-def test_merge_matches_adapted_float32_and_gives_base_tree(mode):
-  model, params, x, adapted, p = _trained(mode)
-  served, merged = fa.merge_adapters(adapted, p)
-  assert served is adapted.base and isinstance(served, nn.Module)
-  _same_structure(merged, params)
-  out_adapted = adapted.apply({'params': p}, x)
-  # The plain base model accepts the merged tree and reproduces the adapted outputs.
-  assert max_diff(model.apply({'params': merged}, x), out_adapted) < 1e-5
-  assert max_diff(out_adapted, model.apply({'params': params}, x)) > 1e-2  # the adapters did something
+class MergeTest(chex.TestCase):
+  """Merged weights reproduce the factored forward; both the merge and the forwards run jitted or not."""
 
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(_MODE_NAMES)
+  def test_merge_matches_adapted_float32_and_gives_base_tree(self, mode):
+    model, params, x, adapted, p = _trained(mode)
+    served = fa.merge_adapters(adapted, p)[0]
+    merged = self.variant(lambda p: fa.merge_adapters(adapted, p)[1])(p)
+    assert served is adapted.base and isinstance(served, nn.Module)
+    chex.assert_trees_all_equal_shapes_and_dtypes(merged, params)
+    forward = self.variant(lambda p, x: adapted.apply({'params': p}, x))
+    out_adapted = forward(p, x)
+    # The plain base model accepts the merged tree and reproduces the adapted outputs.
+    chex.assert_trees_all_close(model.apply({'params': merged}, x), out_adapted, atol=1e-5, rtol=1e-5)
+    assert max_diff(out_adapted, model.apply({'params': params}, x)) > 1e-2  # the adapters did something
 
-@pytest.mark.parametrize('mode', MERGEABLE, ids=lambda m: '+'.join(m) if isinstance(m, tuple) else m)
-def test_merge_matches_adapted_float64(mode):
-  with jax.enable_x64(True):
-    model, params, x, adapted, p = _trained(mode, jnp.float64)
-    served, merged = fa.merge_adapters(adapted, p)
-    assert max_diff(served.apply({'params': merged}, x), adapted.apply({'params': p}, x)) < 1e-10
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(_MODE_NAMES)
+  def test_merge_matches_adapted_float64(self, mode):
+    with jax.enable_x64(True):
+      model, params, x, adapted, p = _trained(mode, jnp.float64)
+      merged = self.variant(lambda p: fa.merge_adapters(adapted, p)[1])(p)
+      forward = self.variant(lambda p, x: adapted.apply({'params': p}, x))
+      chex.assert_trees_all_close(model.apply({'params': merged}, x), forward(p, x), atol=1e-10, rtol=0)
 
 
 def test_houlsby_stays_and_still_runs_after_merge():
@@ -54,7 +58,9 @@ def test_houlsby_stays_and_still_runs_after_merge():
   assert {m.name for e in served.plan for m in e.methods} == {'houlsby'}
   assert sorted(merged['blocks_0']['mha']['q_proj']) == ['bias', 'kernel']
   assert 'houlsby_up' in merged['blocks_0']['mlp']
-  assert max_diff(served.apply({'params': merged}, x), adapted.apply({'params': p}, x)) < 1e-5
+  chex.assert_trees_all_close(
+    served.apply({'params': merged}, x), adapted.apply({'params': p}, x), atol=1e-5, rtol=1e-5
+  )
 
 
 def test_unmergeable_adapter_stops_folding_on_its_layer():
@@ -78,7 +84,9 @@ def test_unmergeable_adapter_stops_folding_on_its_layer():
   served, merged = fa.merge_adapters(adapted, p)
   assert [(e.site.path, [m.name for m in e.methods]) for e in served.plan] == [(('conv',), ['locon', 'ia3'])]
   assert sorted(merged['out']) == ['bias', 'kernel']
-  assert max_diff(served.apply({'params': merged}, x), adapted.apply({'params': p}, x)) < 1e-5
+  chex.assert_trees_all_close(
+    served.apply({'params': merged}, x), adapted.apply({'params': p}, x), atol=1e-5, rtol=1e-5
+  )
   with pytest.raises(ValueError, match="materialize cannot fold .*'conv'.*recomputes its kernel"):
     fa.materialize(p, adapted)
 
@@ -88,7 +96,7 @@ def test_bf16_kernels_merge_through_float32():
   q = p['blocks_0']['mha']['q_proj']
   assert q['kernel'].dtype == jnp.bfloat16 and q['lora_a'].dtype == jnp.float32  # fp32 adapters on a bf16 base
   served, merged = fa.merge_adapters(adapted, p)
-  _same_structure(merged, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(merged, params)
   lora = next(m for e in adapted.plan if e.site.path == ('blocks_0', 'mha', 'q_proj') for m in e.methods)
   site = adapted.sites[('blocks_0', 'mha', 'q_proj')].site
   expected = (q['kernel'].astype(jnp.float32) + lora.delta(site, q, jnp.float32)).astype(jnp.bfloat16)
@@ -103,8 +111,8 @@ def test_bf16_kernels_merge_through_float32():
 def test_factored_forward_matches_materialize(mode):
   model, params, x, adapted, p = _trained(mode)
   folded = fa.materialize(p, adapted)
-  _same_structure(folded, params)
-  assert max_diff(adapted.apply({'params': p}, x), model.apply({'params': folded}, x)) < 1e-5
+  chex.assert_trees_all_equal_shapes_and_dtypes(folded, params)
+  chex.assert_trees_all_close(adapted.apply({'params': p}, x), model.apply({'params': folded}, x), atol=1e-5, rtol=1e-5)
 
 
 def test_materialize_is_differentiable_into_the_adapters():
@@ -144,7 +152,7 @@ def test_locon_geometry_factored_equals_folded(conv_kw):
   p = perturb(p, jax.random.key(5))
   factored = adapted.apply({'params': p}, x)
   assert factored.shape == conv.apply({'params': params}, x).shape
-  assert max_diff(factored, conv.apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
+  chex.assert_trees_all_close(factored, conv.apply({'params': fa.materialize(p, adapted)}, x), atol=1e-5, rtol=1e-5)
 
 
 def test_einsum_with_interleaved_kernel_axes():
@@ -163,9 +171,13 @@ def test_einsum_with_interleaved_kernel_axes():
   adapted, p = fa.prepare_for_transfer(layer, params, cfg, x)
   assert p['lora_a'].shape == (8, 2) and p['lora_b'].shape == (2, 3, 4) and p['ia3_scale'].shape == (3, 4)
   p = perturb(p, jax.random.key(3))
-  assert max_diff(adapted.apply({'params': p}, x), layer.apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
+  chex.assert_trees_all_close(
+    adapted.apply({'params': p}, x), layer.apply({'params': fa.materialize(p, adapted)}, x), atol=1e-5, rtol=1e-5
+  )
   served, merged = fa.merge_adapters(adapted, p)
-  assert max_diff(served.apply({'params': merged}, x), adapted.apply({'params': p}, x)) < 1e-5
+  chex.assert_trees_all_close(
+    served.apply({'params': merged}, x), adapted.apply({'params': p}, x), atol=1e-5, rtol=1e-5
+  )
 
 
 def test_lora_dropout_only_with_the_rng_stream_and_unbiased():
@@ -177,7 +189,7 @@ def test_lora_dropout_only_with_the_rng_stream_and_unbiased():
   p = perturb(p, jax.random.key(2), scale=0.5)
   evaluation = adapted.apply({'params': p}, x)
   # Without the stream (evaluation) LoRA runs in full: the folded weights give the same output.
-  assert max_diff(evaluation, layer.apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
+  chex.assert_trees_all_close(evaluation, layer.apply({'params': fa.materialize(p, adapted)}, x), atol=1e-5, rtol=1e-5)
   train = jax.jit(lambda k: adapted.apply({'params': p}, x, rngs={'adapter_dropout': k}))
   samples = jax.vmap(train)(jax.random.split(jax.random.key(3), 400))
   assert max_diff(samples[0], samples[1]) > 1e-2  # different masks

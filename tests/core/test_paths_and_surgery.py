@@ -2,6 +2,7 @@
 
 import re
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ from flax import nnx, traverse_util
 import flax_adapters as fa
 from flax_adapters import paths
 from tests.core import testnet as net
-from tests.core.helpers import max_diff, perturb
+from tests.core.helpers import perturb
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,9 @@ def test_declared_kind_on_a_custom_module():
   cfg = fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['proj'])
   adapted, p = fa.prepare_for_transfer(Net(), params, cfg, x)
   p = perturb(p, jax.random.key(2))
-  assert max_diff(adapted.apply({'params': p}, x), Net().apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
+  chex.assert_trees_all_close(
+    adapted.apply({'params': p}, x), Net().apply({'params': fa.materialize(p, adapted)}, x), atol=1e-5, rtol=0
+  )
   # Without the declaration the same module is a block, and LoRA says how to fix it.
   assert fa.trace_model(Net(), x, kinds={'proj': 'block'}).sites[('proj',)].kind == 'block'
   with pytest.raises(ValueError, match="declare `adapter_kind = 'dense'`"):
@@ -107,7 +110,7 @@ def test_adapted_model_jits_and_matches_eager():
   adapted, p = fa.prepare_for_transfer(model, params, cfg, jax.ShapeDtypeStruct(x.shape, x.dtype))
   p = perturb(p, jax.random.key(1))
   jitted = jax.jit(adapted.apply)({'params': p}, x)
-  assert max_diff(jitted, adapted.apply({'params': p}, x)) < 1e-5
+  chex.assert_trees_all_close(jitted, adapted.apply({'params': p}, x), atol=1e-5, rtol=0)
 
 
 def test_nnx_model_through_prepare_params_and_materialize():

@@ -1,5 +1,6 @@
 """Layers stacked by nn.scan: adapter leaves carry the stacked axis and are sliced like the kernels."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,7 +60,7 @@ def test_stacked_adapter_leaves_start_as_identity_and_differ_per_layer():
   assert p['layers']['mlp']['houlsby_down'].shape == (LAYERS, D, 8)
   assert not np.allclose(q['lora_a'][0], q['lora_a'][1])  # each layer draws its own init
   assert {e.stack for e in adapted.plan} == {(LAYERS,)}
-  assert max_diff(adapted.apply({'params': p}, x), Stack().apply({'params': params}, x)) < 1e-6
+  chex.assert_trees_all_close(adapted.apply({'params': p}, x), Stack().apply({'params': params}, x), atol=1e-6, rtol=0)
 
 
 def test_stacked_factored_forward_matches_merge_and_materialize():
@@ -67,10 +68,10 @@ def test_stacked_factored_forward_matches_merge_and_materialize():
   p = perturb(p, jax.random.key(2))
   out = jax.jit(adapted.apply)({'params': p}, x)
   assert max_diff(out, Stack().apply({'params': params}, x)) > 1e-2
-  assert max_diff(out, Stack().apply({'params': fa.materialize(p, adapted)}, x)) < 1e-5
+  chex.assert_trees_all_close(out, Stack().apply({'params': fa.materialize(p, adapted)}, x), atol=1e-5, rtol=0)
   served, merged = fa.merge_adapters(adapted, p)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
-  assert max_diff(served.apply({'params': merged}, x), out) < 1e-5
+  chex.assert_trees_all_close(served.apply({'params': merged}, x), out, atol=1e-5, rtol=0)
 
 
 def test_stacked_training_and_partition_specs():

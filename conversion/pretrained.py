@@ -10,17 +10,19 @@ from typing import Any
 import jax.numpy as jnp
 
 from conversion.families import Family, get_family
-from conversion.state_dict import load_state_dict, save_safetensors
+from conversion.state_dict import load_state_dict, read_json_object, save_safetensors
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
   path = os.path.join(os.fspath(model_dir), 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'model_dir={os.fspath(model_dir)!r} has no config.json.')
-  with open(path) as f:
-    hf = json.load(f)
-  if 'model_type' not in hf:
-    raise ValueError(f"{path!r} has no 'model_type', so its model family is unknown.")
+  hf = read_json_object(path, 'model config')
+  if not isinstance(hf.get('model_type'), str):
+    raise ValueError(
+      f"{path!r} has model_type={hf.get('model_type')!r}; expected the name of a model family (e.g. 'llama'), "
+      'so its model family is unknown.'
+    )
   return hf
 
 

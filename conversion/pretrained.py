@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -10,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from conversion.families import Family, get_family
-from conversion.state_dict import load_state_dict, read_json_object, save_safetensors
+from conversion.state_dict import load_state_dict, read_json_object, save_safetensors, write_json
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
@@ -89,6 +88,6 @@ def save_pretrained(
   hf = family.config_class.to_hf(config)
   if dtype is not None:
     hf['dtype'] = dtype
-  with open(os.path.join(model_dir, 'config.json'), 'w') as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
+  # Weights first: a writer killed between the two leaves the old config, never a config without weights.
   save_safetensors(state_dict, os.path.join(model_dir, 'model.safetensors'), dtype=dtype)
+  write_json(os.path.join(model_dir, 'config.json'), hf)

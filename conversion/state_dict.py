@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Collection, Mapping
 from typing import Any
 
@@ -207,6 +208,42 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   )
 
 
+def write_atomically(path: str | os.PathLike, write) -> None:
+  """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one rename.
+
+  A writer killed midway leaves the previous file (or none) at `path`, never a half-written one.
+  """
+  path = os.fspath(path)
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f'.{name}.tmp-{uuid.uuid4().hex}')
+  try:
+    write(tmp)
+    with open(tmp, 'rb') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # some file systems cannot fsync a directory
+  finally:
+    os.close(fd)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+  """`data` as indented JSON, written atomically (`write_atomically`)."""
+
+  def write(tmp):
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+
+  write_atomically(path, write)
+
+
 def save_safetensors(
   state_dict: Mapping[str, Any],
   path: str | os.PathLike,
@@ -233,7 +270,7 @@ def save_safetensors(
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     tensors = {k: (t.to(torch.bfloat16) if t.is_floating_point() else t.clone()) for k, t in tensors.items()}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return
   from safetensors.numpy import save_file
 
@@ -243,4 +280,5 @@ def save_safetensors(
     except TypeError:
       raise ValueError(f"dtype={dtype!r} is not a dtype name; use 'float32', 'float16', 'bfloat16' or None.") from None
     arrays = {k: (v.astype(target) if v.dtype.kind == 'f' else v) for k, v in arrays.items()}
-  save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.fspath(path), metadata=meta)
+  arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+  write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=meta))

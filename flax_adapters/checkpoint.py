@@ -49,7 +49,7 @@ from flax_adapters.training import trainable_mask
 
 try:
   import fcntl
-except ImportError:  # not POSIX: saves still never mix (unique temporary paths), but do not queue
+except ImportError:  # not POSIX: no queue, but saves never mix and a racing loser still learns it lost
   fcntl = None
 
 FORMAT = 'flax_adapters.adapter_checkpoint/1'
@@ -261,9 +261,11 @@ def _exchange(a: str, b: str) -> bool:
   raise OSError(code, f'exchanging {a!r} and {b!r}: {os.strerror(code)}')
 
 
-def _swap_in(new: str, directory: str, uid: str) -> None:
+def _swap_in(new: str, directory: str, uid: str, overwrite: bool) -> None:
   """Put the complete directory `new` at `directory`; the previous one (if any) is deleted after."""
   parent = os.path.dirname(directory)
+  if not overwrite and os.path.lexists(directory):  # only where no lock serialises the writers
+    raise FileExistsError(f'`directory` {directory!r} was written by another save meanwhile; this one is dropped.')
   if not os.path.lexists(directory):
     os.rename(new, directory)
     _stage('swapped')
@@ -383,7 +385,7 @@ def _commit(directory: str, overwrite: bool, write) -> None:
     if primary:
       _recover(directory)
       refusal = _refusal(directory, overwrite)
-      if not refusal:
+      if not refusal and fcntl is not None:  # without a lock, a leftover may be a live save's
         _remove_leftovers(directory)
       uid = uuid.uuid4().hex
     if multi:
@@ -394,15 +396,15 @@ def _commit(directory: str, overwrite: bool, write) -> None:
     _stage('locked')
     try:
       write(tmp)
+      _stage('written')
+      if primary:
+        _fsync_tree(tmp)
+        _stage('synced')
+        _swap_in(tmp, directory, uid, overwrite)
     except BaseException:
       if primary:
         shutil.rmtree(tmp, ignore_errors=True)
       raise
-    _stage('written')
-    if primary:
-      _fsync_tree(tmp)
-      _stage('synced')
-      _swap_in(tmp, directory, uid)
     if multi:
       _barrier(f'flax_adapters.save_adapters:{uid}')
 

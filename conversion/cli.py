@@ -29,9 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from conversion.families import get_family
 from conversion.peft import TASK_TYPES
-from conversion.pretrained import load_pretrained, read_hf_config, save_pretrained
+from conversion.pretrained import load_pretrained, read_config, save_pretrained
 from conversion.state_dict import write_atomically, write_json
 
 PARAMS_FILE = 'flax_params.msgpack'
@@ -120,12 +119,7 @@ def _read_params(flax_dir: str) -> dict:
 
 def _flax_base(flax_dir: str):
   """`(family, config, params)` of a to-flax directory, the params checked against the config's shapes."""
-  hf = read_hf_config(flax_dir)
-  family = get_family(hf['model_type'])
-  try:
-    config = family.config_from_hf(hf)
-  except (ValueError, TypeError) as e:
-    raise type(e)(f'{os.path.join(flax_dir, "config.json")!r}: {e}') from None
+  family, config = read_config(flax_dir)
   params = _read_params(flax_dir)
   expected = family.param_shapes(config)
   flat = traverse_util.flatten_dict(params)

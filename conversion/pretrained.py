@@ -25,6 +25,16 @@ def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
   return hf
 
 
+def read_config(model_dir: str | os.PathLike, **overrides: Any) -> tuple[Family, Any]:
+  """`(family, config)` of a model directory; a bad value is reported with the file it is in."""
+  hf = read_hf_config(model_dir)
+  family = get_family(hf['model_type'])
+  try:
+    return family, family.config_from_hf(hf, **overrides)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f'{os.path.join(os.fspath(model_dir), "config.json")!r}: {e}') from None
+
+
 def load_pretrained(
   model_dir: str | os.PathLike,
   *,
@@ -49,9 +59,7 @@ def load_pretrained(
   Returns:
     `(model, params, config)`; run with `model.apply({'params': params}, input_ids, ...)`.
   """
-  hf = read_hf_config(model_dir)
-  family = get_family(hf['model_type'])
-  config = family.config_from_hf(hf, **config_overrides)
+  family, config = read_config(model_dir, **config_overrides)
   params = family.torch_to_flax(load_state_dict(model_dir), config, param_dtype=param_dtype, ignore=ignore)
   return family.flax_model(config, dtype=dtype, param_dtype=param_dtype), params, config
 

@@ -224,6 +224,8 @@ def _stage(name: str) -> None:
 
 
 def _fsync(path: str) -> None:
+  if os.name == 'nt' and os.path.isdir(path):
+    return  # Windows cannot open a directory to sync it
   fd = os.open(path, os.O_RDONLY)
   try:
     os.fsync(fd)
@@ -286,10 +288,11 @@ def _swap_in(new: str, directory: str, uid: str, overwrite: bool) -> None:
 
 
 def _leftovers(directory: str, kind: str) -> list[str]:
+  """What saves of `directory` killed midway left beside it (a `kind` of sibling, orbax's own included)."""
   parent, name = os.path.split(directory)
-  prefix = f'.{name}{kind}'
+  ours = re.compile(rf'\.{re.escape(name)}{re.escape(kind)}[0-9a-f]{{32}}(\.orbax-checkpoint-tmp.*)?')
   try:
-    return sorted(os.path.join(parent, n) for n in os.listdir(parent) if n.startswith(prefix))
+    return sorted(os.path.join(parent, n) for n in os.listdir(parent) if ours.fullmatch(n))
   except FileNotFoundError:
     return []
 
@@ -299,7 +302,7 @@ def _recover(directory: str) -> None:
   if os.path.lexists(directory):
     return
   for old in _leftovers(directory, _OLD):
-    uid = os.path.basename(old).rsplit(_OLD, 1)[1]
+    uid = os.path.basename(old)[-32:]
     new = _sibling(directory, _TMP, uid)
     # The new one was complete and synced before the old one was moved aside.
     os.rename(new if _not_a_checkpoint(new) is None else old, directory)
@@ -371,7 +374,7 @@ def _refusal(directory: str, overwrite: bool) -> str:
 
 def _raise(refusal: str) -> None:
   kind, message = refusal.split(':', 1)
-  raise {'FileExistsError': FileExistsError, 'ValueError': ValueError}.get(kind, RuntimeError)(message)
+  raise {'FileExistsError': FileExistsError, 'ValueError': ValueError, 'OSError': OSError}[kind](message)
 
 
 def _commit(directory: str, overwrite: bool, write) -> None:
@@ -380,14 +383,19 @@ def _commit(directory: str, overwrite: bool, write) -> None:
   Every JAX process runs this; process 0 holds the lock, decides and swaps.
   """
   primary, multi = _is_primary(), _multiprocess()
-  with _locked(directory) if primary else contextlib.nullcontext():
-    refusal, uid = '', ''
+  with contextlib.ExitStack() as stack:
+    refusal, uid = '', uuid.uuid4().hex
     if primary:
-      _recover(directory)
-      refusal = _refusal(directory, overwrite)
-      if not refusal and fcntl is not None:  # without a lock, a leftover may be a live save's
-        _remove_leftovers(directory)
-      uid = uuid.uuid4().hex
+      try:
+        stack.enter_context(_locked(directory))
+        _recover(directory)
+        refusal = _refusal(directory, overwrite)
+        if not refusal and fcntl is not None:  # without a lock, a leftover may be a live save's
+          _remove_leftovers(directory)
+      except OSError as e:
+        if not multi:
+          raise
+        refusal = f'OSError:process 0 cannot save to {directory!r}: {e}'  # the others must not wait for it
     if multi:
       refusal, uid = _broadcast_text(refusal), _broadcast_text(uid)
     if refusal:

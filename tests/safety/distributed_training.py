@@ -14,29 +14,31 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
-PROCESS_ID, PORT, OUT = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-# Multi-process CPU collectives (all-reduce etc. across the two processes) go through gloo over TCP.
-jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-jax.config.update('jax_num_cpu_devices', 4)
-jax.distributed.initialize(
-  coordinator_address=f'127.0.0.1:{PORT}', num_processes=2, process_id=PROCESS_ID, initialization_timeout=120
-)
+import flax_adapters as fa
+from tests.core import testnet as net
+from tests.core.sharded_training import STEPS, base_spec
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from flax import traverse_util  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import AxisType  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
-import flax_adapters as fa  # noqa: E402
-from tests.core import testnet as net  # noqa: E402
-from tests.core.sharded_training import STEPS, base_spec  # noqa: E402
+def initialize(process_id: int, port: int) -> None:
+  # Multi-process CPU collectives (all-reduce etc. across the two processes) go through gloo over TCP.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.config.update('jax_num_cpu_devices', 4)
+  jax.distributed.initialize(
+    coordinator_address=f'127.0.0.1:{port}', num_processes=2, process_id=process_id, initialization_timeout=120
+  )
 
 
 def main():
+  process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+  initialize(process_id, port)
   assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
   model, params, _ = net.make()
   x = np.asarray(jax.random.normal(jax.random.key(3), (8, net.L, net.C_IN)))
@@ -93,7 +95,7 @@ def main():
     losses_8.append(float(loss))
 
   # An adapter checkpoint from both processes; process 0 decides, writes the metadata and swaps it in.
-  path = os.path.join(OUT, 'ckpt')
+  path = os.path.join(out, 'ckpt')
   fa.save_adapters(path, adapted, p0)
   fa.save_adapters(path, adapted, p, overwrite=True)  # replaces it atomically
   try:
@@ -114,8 +116,8 @@ def main():
     '/'.join(k): np.asarray(multihost_utils.process_allgather(v, tiled=True))
     for k, v in traverse_util.flatten_dict(fa.checkpoint.trained_leaves(adapted, p)).items()
   }
-  if PROCESS_ID == 0:
-    np.savez(os.path.join(OUT, 'trained.npz'), **trained)
+  if process_id == 0:
+    np.savez(os.path.join(out, 'trained.npz'), **trained)
   multihost_utils.sync_global_devices('done')
   flat = traverse_util.flatten_dict(p)
   print(

@@ -147,12 +147,13 @@ def _index_shards(path: str) -> dict[str, list[str]]:
       f"{path!r} has no 'weight_map' {{tensor name: shard file}} (found {type(weight_map).__name__}); "
       'it is not a sharded-checkpoint index.'
     )
-  directory = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+  directory = os.path.dirname(os.path.abspath(path))
   shards: dict[str, list[str]] = {}
   for key, shard in weight_map.items():
     if not isinstance(shard, str) or not shard:
       raise ValueError(f'{path!r}: weight_map[{key!r}] is {shard!r}; expected a shard file name.')
-    resolved = os.path.realpath(os.path.join(directory, shard))
+    # Checked on the names, not through symlinks: the Hugging Face cache links each file to a blob.
+    resolved = os.path.normpath(os.path.join(directory, shard))
     if os.path.isabs(shard) or os.path.commonpath([directory, resolved]) != directory:
       raise ValueError(
         f'{path!r}: weight_map[{key!r}] = {shard!r} points outside the model directory {directory!r}; '

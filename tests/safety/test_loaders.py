@@ -1,6 +1,7 @@
 """Loaders read only what they should: damaged files named, sharded indexes followed exactly."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -102,6 +103,18 @@ def test_a_sharded_checkpoint_loads_each_tensor_from_its_shard(dirs):
   assert set(whole) == set(sharded)
   for key in whole:
     np.testing.assert_array_equal(sharded[key], whole[key], err_msg=key)
+
+
+def test_shards_linked_to_blobs_as_in_the_hugging_face_cache(dirs, tmp_path):
+  """The hub cache keeps each file as a symlink to `../../blobs/<hash>`: that is not 'outside'."""
+  blobs, snapshot = tmp_path / 'blobs', tmp_path / 'snapshots' / 'abc123'
+  blobs.mkdir()
+  snapshot.mkdir(parents=True)
+  for name in os.listdir(dirs / 'sharded'):
+    shutil.copy(dirs / 'sharded' / name, blobs / name)
+    os.symlink(os.path.join('..', '..', 'blobs', name), snapshot / name)
+  whole, linked = load_state_dict(dirs / 'whole'), load_state_dict(snapshot)
+  assert set(whole) == set(linked) and all(np.array_equal(whole[k], linked[k]) for k in whole)
 
 
 def test_a_stale_copy_in_another_shard_is_refused(dirs, tmp_path):

@@ -53,8 +53,9 @@ except ImportError:  # not POSIX: no queue, but saves never mix and a racing los
   fcntl = None
 
 FORMAT = 'flax_adapters.adapter_checkpoint/1'
-# What a save writes at the top of a checkpoint directory (orbax's items and bookkeeping files).
-CHECKPOINT_ENTRIES = frozenset({'params', 'meta', '_CHECKPOINT_METADATA', '_METADATA', 'commit_success.txt'})
+# What a save writes at the top of a checkpoint directory: orbax's items, and its bookkeeping files
+# (named with a leading underscore, e.g. _CHECKPOINT_METADATA, plus commit_success.txt).
+CHECKPOINT_ENTRIES = frozenset({'params', 'meta', 'commit_success.txt'})
 _TMP, _OLD, _LOCK = '.flax-adapters-tmp-', '.flax-adapters-old-', '.flax-adapters-lock'
 
 
@@ -340,8 +341,11 @@ def _not_a_checkpoint(directory: str) -> str | None:
     return 'a symbolic link'
   if not os.path.isdir(directory):
     return 'a file' if os.path.exists(directory) else 'missing'
-  entries = set(os.listdir(directory))
-  others = sorted(entries - CHECKPOINT_ENTRIES)
+  others = sorted(
+    e
+    for e in os.listdir(directory)
+    if e not in CHECKPOINT_ENTRIES and not (e.startswith('_') and os.path.isfile(os.path.join(directory, e)))
+  )
   if others:
     return f'a directory that holds {others[:5]}{" ..." if len(others) > 5 else ""}, which no save writes'
   try:

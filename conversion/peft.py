@@ -59,7 +59,6 @@ so import reports them as modules the flax model lacks and export as layers the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -76,7 +75,7 @@ from flax import traverse_util
 from conversion.families import Family, get_family
 from conversion.key_mapping import KeyMapping, Layout
 from conversion.pretrained import family_of, save_pretrained
-from conversion.state_dict import load_state_dict, save_safetensors, to_numpy
+from conversion.state_dict import load_state_dict, read_json_object, save_safetensors, to_numpy, write_json
 from flax_adapters import paths as paths_lib
 from flax_adapters.forward import AdaptedModel, check_adapter_leaves
 from flax_adapters.merge import merge_adapters
@@ -90,6 +89,8 @@ WEIGHTS_FILES = ('adapter_model.safetensors', 'adapter_model.bin')
 PREFIX = 'base_model.model.'
 SUPPORTED_TYPES = ('LORA', 'IA3')
 DEFAULT_TASK_TYPES = {'llama': 'CAUSAL_LM', 'gpt2': 'CAUSAL_LM', 'bert': 'FEATURE_EXTRACTION'}
+# peft.TaskType's values (peft 0.21): what PeftConfig accepts as task_type.
+TASK_TYPES = ('SEQ_CLS', 'SEQ_2_SEQ_LM', 'CAUSAL_LM', 'TOKEN_CLS', 'QUESTION_ANS', 'FEATURE_EXTRACTION')
 _DEFAULT = object()
 _MAX_LISTED = 12
 
@@ -330,10 +331,7 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
         'save the adapter with path_initial_model_for_weight_conversion '
         f'(PEFT then writes a plain LoRA), or {_MERGE_FIX}',
       )
-    for field in ('r', 'lora_alpha'):
-      value = raw.get(field, 8)
-      if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ValueError(f'{source} has {field}={value!r}; expected a positive number.')
+  _check_values(raw, peft_type, source)
   known = set(_KNOWN['common']) | set(_KNOWN.get(peft_type, ())) | {f for f, _, _ in _NEUTRAL_LORA}
   unknown = {k: v for k, v in raw.items() if k not in known and v not in (None, False, {}, [], '', 0)}
   if unknown:
@@ -347,7 +345,100 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
   targets = raw.get('target_modules')
   if not targets or not isinstance(targets, (str, list)):
     raise ValueError(f'{source} has target_modules={targets!r}; expected a regex string or a list of module names.')
+  _check_patterns(raw, source)
   return PeftSpec(peft_type=peft_type, raw=dict(raw))
+
+
+def _non_finite(value, where: str):
+  """The first NaN/inf number inside a JSON value, as (where, value), else None."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return where, value
+  items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, list) else ()
+  for key, item in items:
+    found = _non_finite(item, f'{where}[{key!r}]')
+    if found:
+      return found
+  return None
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_values(raw: Mapping[str, Any], peft_type: str, source: str) -> None:
+  """Every number is finite and of its kind: ranks positive ints, alphas positive, dropout a probability."""
+  for key, value in raw.items():
+    found = _non_finite(value, key)
+    if found:
+      raise ValueError(
+        f'{source} has {found[0]}={found[1]!r}; PEFT config numbers must be finite (NaN/Infinity give NaN outputs).'
+      )
+  if peft_type != 'LORA':
+    return
+  rank = raw.get('r', 8)
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    raise ValueError(f'{source} has r={rank!r}; expected a positive integer rank (PEFT refuses {rank!r} too).')
+  alpha = raw.get('lora_alpha', 8)
+  if not _is_number(alpha) or alpha <= 0:
+    raise ValueError(f'{source} has lora_alpha={alpha!r}; expected a positive number.')
+  for field, ok, expected in (
+    ('rank_pattern', lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, 'a positive integer rank'),
+    ('alpha_pattern', lambda v: _is_number(v) and v > 0, 'a positive number'),
+  ):
+    pattern = raw.get(field) or {}
+    if not isinstance(pattern, Mapping):
+      raise ValueError(f'{source} has {field}={pattern!r}; expected an object {{module regex: value}}.')
+    for key, value in pattern.items():
+      if not ok(value):
+        raise ValueError(f'{source} has {field}[{key!r}]={value!r}; expected {expected}.')
+  dropout = raw.get('lora_dropout') or 0.0
+  if not _is_number(dropout) or not 0 <= dropout < 1:
+    raise ValueError(f'{source} has lora_dropout={dropout!r}; expected a probability in [0, 1).')
+  if not isinstance(raw.get('use_rslora', False), bool):
+    raise ValueError(f'{source} has use_rslora={raw["use_rslora"]!r}; expected true or false.')
+
+
+def _check_patterns(raw: Mapping[str, Any], source: str) -> None:
+  """Every name list holds strings and every regex compiles, in the form PEFT's matching uses it."""
+
+  def compiles(field: str, pattern, form: str = '{}') -> None:
+    if not isinstance(pattern, str):
+      raise ValueError(f'{source} has {field}={pattern!r}; expected a string.')
+    try:
+      re.compile(form.format(pattern))
+    except re.error as e:
+      raise ValueError(f'{source} has {field}={pattern!r}, which is not a valid regular expression ({e}).') from None
+
+  for field in ('target_modules', 'exclude_modules', 'feedforward_modules'):
+    value = raw.get(field)
+    if value is None:
+      continue
+    if isinstance(value, str):
+      compiles(field, value)
+    elif isinstance(value, list):
+      for i, entry in enumerate(value):
+        if not isinstance(entry, str):
+          raise ValueError(f'{source} has {field}[{i}]={entry!r}; expected a module name (a string).')
+    else:
+      raise ValueError(f'{source} has {field}={value!r}; expected a regex string or a list of module names.')
+  saved = raw.get('modules_to_save') or []
+  if not isinstance(saved, list):
+    raise ValueError(f'{source} has modules_to_save={saved!r}; expected a list of module names.')
+  for i, entry in enumerate(saved):
+    # PEFT matches these inside a regex (check_target_module_exists), so they must compile there.
+    compiles(f'modules_to_save[{i}]', entry, r'(^|.*\.){}($|\..*)')
+  for field in ('rank_pattern', 'alpha_pattern'):
+    for key in raw.get(field) or {}:
+      compiles(f'{field} key', key, r'(.*\.)?({})$')
+  layers = raw.get('layers_pattern')
+  for entry in [layers] if isinstance(layers, str) else layers or []:
+    compiles('layers_pattern', entry, r'(?:^|.*?\.){}\.(?P<idx>\d+)\.')
+  indexes = raw.get('layers_to_transform')
+  if indexes is not None and not (
+    (isinstance(indexes, int) and not isinstance(indexes, bool))
+    or (isinstance(indexes, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in indexes))
+  ):
+    raise ValueError(f'{source} has layers_to_transform={indexes!r}; expected a layer index or a list of them.')
 
 
 def read_peft_config(adapter_dir: str | os.PathLike) -> PeftSpec:
@@ -357,12 +448,7 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> PeftSpec:
     raise FileNotFoundError(
       f'adapter_dir={os.fspath(adapter_dir)!r} has no {CONFIG_FILE}; it is not a PEFT adapter directory.'
     )
-  with open(path) as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{path!r} is not valid JSON ({e}).') from None
-  return parse_peft_config(raw, source=path)
+  return parse_peft_config(read_json_object(path, 'PEFT adapter config'), source=path)
 
 
 def read_peft_weights(adapter_dir: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -780,6 +866,12 @@ def _most_common(values):
   return Counter(values).most_common(1)[0][0]
 
 
+def check_task_type(task_type) -> None:
+  """`task_type` is one PEFT knows (peft.TaskType), or None; PEFT refuses to load any other."""
+  if task_type is not _DEFAULT and task_type is not None and task_type not in TASK_TYPES:
+    raise ValueError(f'`task_type`={task_type!r} is not a PEFT task type; expected one of {list(TASK_TYPES)} or None.')
+
+
 def export_peft(
   adapter_dir: str | os.PathLike,
   model: AdaptedModel,
@@ -821,6 +913,7 @@ def export_peft(
     raise TypeError(
       f'`model` must be an AdaptedModel (from import_peft, adapt or prepare_for_transfer), found {type(model).__name__}.'
     )
+  check_task_type(task_type)
   family, config = _resolve_family(family, config, model.base)
   check_adapter_leaves(params, model)
   mm = module_map(family, config)
@@ -912,12 +1005,11 @@ def export_peft(
 
   _check_written(cfg, mm, targets, saved, peft_type, settings)
   os.makedirs(adapter_dir, exist_ok=True)
-  with open(os.path.join(adapter_dir, CONFIG_FILE), 'w') as f:
-    json.dump(cfg, f, indent=2, sort_keys=True)
   for stale in WEIGHTS_FILES[1:]:
     if os.path.exists(os.path.join(adapter_dir, stale)):
       os.remove(os.path.join(adapter_dir, stale))
   save_safetensors(state, os.path.join(adapter_dir, WEIGHTS_FILES[0]))
+  write_json(os.path.join(adapter_dir, CONFIG_FILE), cfg)
   return cfg
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -10,18 +9,30 @@ from typing import Any
 import jax.numpy as jnp
 
 from conversion.families import Family, get_family
-from conversion.state_dict import load_state_dict, save_safetensors
+from conversion.state_dict import load_state_dict, read_json_object, save_safetensors, write_json
 
 
 def read_hf_config(model_dir: str | os.PathLike) -> dict[str, Any]:
   path = os.path.join(os.fspath(model_dir), 'config.json')
   if not os.path.isfile(path):
     raise FileNotFoundError(f'model_dir={os.fspath(model_dir)!r} has no config.json.')
-  with open(path) as f:
-    hf = json.load(f)
-  if 'model_type' not in hf:
-    raise ValueError(f"{path!r} has no 'model_type', so its model family is unknown.")
+  hf = read_json_object(path, 'model config')
+  if not isinstance(hf.get('model_type'), str):
+    raise ValueError(
+      f"{path!r} has model_type={hf.get('model_type')!r}; expected the name of a model family (e.g. 'llama'), "
+      'so its model family is unknown.'
+    )
   return hf
+
+
+def read_config(model_dir: str | os.PathLike, **overrides: Any) -> tuple[Family, Any]:
+  """`(family, config)` of a model directory; a bad value is reported with the file it is in."""
+  hf = read_hf_config(model_dir)
+  family = get_family(hf['model_type'])
+  try:
+    return family, family.config_from_hf(hf, **overrides)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f'{os.path.join(os.fspath(model_dir), "config.json")!r}: {e}') from None
 
 
 def load_pretrained(
@@ -48,9 +59,7 @@ def load_pretrained(
   Returns:
     `(model, params, config)`; run with `model.apply({'params': params}, input_ids, ...)`.
   """
-  hf = read_hf_config(model_dir)
-  family = get_family(hf['model_type'])
-  config = family.config_from_hf(hf, **config_overrides)
+  family, config = read_config(model_dir, **config_overrides)
   params = family.torch_to_flax(load_state_dict(model_dir), config, param_dtype=param_dtype, ignore=ignore)
   return family.flax_model(config, dtype=dtype, param_dtype=param_dtype), params, config
 
@@ -87,6 +96,6 @@ def save_pretrained(
   hf = family.config_class.to_hf(config)
   if dtype is not None:
     hf['dtype'] = dtype
-  with open(os.path.join(model_dir, 'config.json'), 'w') as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
+  # Weights first: a writer killed between the two leaves the old config, never a config without weights.
   save_safetensors(state_dict, os.path.join(model_dir, 'model.safetensors'), dtype=dtype)
+  write_json(os.path.join(model_dir, 'config.json'), hf)

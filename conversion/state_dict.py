@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+import uuid
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -61,14 +62,27 @@ def _check_path(path: str | os.PathLike, argument: str) -> str:
   return path
 
 
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-  # Through torch, because safetensors' numpy reader cannot represent bfloat16.
-  from safetensors.torch import load_file
+def _load_safetensors(path: str, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
+  """The tensors of a safetensors file (exactly `keys`, if given), read through torch for bfloat16."""
+  from safetensors import safe_open
 
-  return {k: to_numpy(v, key=k) for k, v in load_file(path, device='cpu').items()}
+  try:
+    # safe_open checks the header against the file's size before reading anything.
+    with safe_open(path, framework='pt', device='cpu') as f:
+      held = list(f.keys())
+      matches = keys is None or set(keys) == set(held)
+      tensors = {k: f.get_tensor(k) for k in (held if keys is None else keys)} if matches else {}
+  except Exception as e:  # SafetensorError, OSError, ...: a damaged or truncated file
+    raise ValueError(
+      f'{path!r} is not a readable safetensors file ({type(e).__name__}: {e}); it is truncated, empty or '
+      'damaged. Download or save it again.'
+    ) from None
+  if not matches:
+    raise _shard_mismatch(path, keys, held)
+  return {k: to_numpy(v, key=k) for k, v in tensors.items()}
 
 
-def _load_pickle(path: str) -> dict[str, np.ndarray]:
+def _load_pickle(path: str, keys: Collection[str] | None = None) -> dict[str, np.ndarray]:
   import torch
 
   try:
@@ -83,18 +97,86 @@ def _load_pickle(path: str) -> dict[str, np.ndarray]:
       f'{path!r} holds a {type(loaded).__name__}, not a state dict {{name: tensor}}; if it wraps one '
       "(e.g. under 'state_dict' or 'model'), load it yourself and pass that mapping."
     )
+  if keys is not None:
+    if set(loaded) != set(keys):
+      raise _shard_mismatch(path, keys, list(loaded))
+    loaded = {k: loaded[k] for k in keys}
   return {k: to_numpy(v, key=k) for k, v in loaded.items()}
 
 
+def _shard_mismatch(path: str, listed: Collection[str], held: Collection[str]) -> ValueError:
+  missing, extra = sorted(set(listed) - set(held)), sorted(set(held) - set(listed))
+  parts = []
+  if missing:
+    parts.append(f'lacks {len(missing)} tensors the index puts there ({missing[:3]})')
+  if extra:
+    parts.append(f'holds {len(extra)} tensors the index puts elsewhere or nowhere ({extra[:3]}; a stale copy?)')
+  return ValueError(
+    f'shard {path!r} does not match the sharded-checkpoint index: it {" and ".join(parts)}. Each tensor must '
+    'be in exactly the shard its index names; re-save the checkpoint (save_pretrained) to rebuild both.'
+  )
+
+
+def _unique_keys(pairs):
+  seen = {}
+  for key, value in pairs:
+    if key in seen and seen[key] != value:
+      raise ValueError(f'key {key!r} appears twice, mapped to {seen[key]!r} and {value!r}')
+    seen[key] = value
+  return seen
+
+
+def read_json_object(path: str, what: str) -> dict[str, Any]:
+  """A JSON file that must hold an object; a clear error naming the file otherwise."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      data = json.load(f, object_pairs_hook=_unique_keys)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f'{path!r} is not a valid {what} JSON file ({e}). Fix or re-create it.') from None
+  if not isinstance(data, dict):
+    raise ValueError(f'{path!r} must hold a JSON object ({what}), found a {type(data).__name__}.')
+  return data
+
+
+def _index_shards(path: str) -> dict[str, list[str]]:
+  """`{shard file: [keys]}` from a sharded-checkpoint index, every shard inside the index's directory."""
+  index = read_json_object(path, 'sharded-checkpoint index')
+  weight_map = index.get('weight_map')
+  if not isinstance(weight_map, Mapping) or not weight_map:
+    raise ValueError(
+      f"{path!r} has no 'weight_map' {{tensor name: shard file}} (found {type(weight_map).__name__}); "
+      'it is not a sharded-checkpoint index.'
+    )
+  directory = os.path.dirname(os.path.abspath(path))
+  shards: dict[str, list[str]] = {}
+  for key, shard in weight_map.items():
+    if not isinstance(shard, str) or not shard:
+      raise ValueError(f'{path!r}: weight_map[{key!r}] is {shard!r}; expected a shard file name.')
+    # Checked on the names, not through symlinks: the Hugging Face cache links each file to a blob.
+    resolved = os.path.normpath(os.path.join(directory, shard))
+    if os.path.isabs(shard) or os.path.commonpath([directory, resolved]) != directory:
+      raise ValueError(
+        f'{path!r}: weight_map[{key!r}] = {shard!r} points outside the model directory {directory!r}; '
+        'shards are read only from beside their index.'
+      )
+    if not resolved.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES):
+      raise ValueError(
+        f'{path!r}: weight_map[{key!r}] = {shard!r} is not a weights file '
+        f'(expected a name ending in {SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES}).'
+      )
+    shards.setdefault(resolved, []).append(key)
+  for shard in shards:
+    if not os.path.isfile(shard):
+      raise FileNotFoundError(f'{path!r} names the shard {os.path.relpath(shard, directory)!r}, which does not exist.')
+  return shards
+
+
 def _load_index(path: str) -> dict[str, np.ndarray]:
-  with open(path) as f:
-    weight_map = json.load(f).get('weight_map')
-  if not isinstance(weight_map, Mapping):
-    raise ValueError(f"{path!r} has no 'weight_map' {{key: shard file}}; it is not a sharded-checkpoint index.")
-  directory = os.path.dirname(path)
+  """Each tensor read from the shard the index names for it."""
   state_dict: dict[str, np.ndarray] = {}
-  for shard in sorted(set(weight_map.values())):
-    state_dict.update(load_state_dict(os.path.join(directory, shard)))
+  for shard, keys in sorted(_index_shards(path).items()):
+    loader = _load_safetensors if shard.endswith(SAFETENSORS_SUFFIXES) else _load_pickle
+    state_dict.update(loader(shard, keys))
   return state_dict
 
 
@@ -127,6 +209,42 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   )
 
 
+def write_atomically(path: str | os.PathLike, write) -> None:
+  """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one rename.
+
+  A writer killed midway leaves the previous file (or none) at `path`, never a half-written one.
+  """
+  path = os.fspath(path)
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f'.{name}.tmp-{uuid.uuid4().hex}')
+  try:
+    write(tmp)
+    with open(tmp, 'rb') as f:
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  fd = os.open(directory, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass  # some file systems cannot fsync a directory
+  finally:
+    os.close(fd)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+  """`data` as indented JSON, written atomically (`write_atomically`)."""
+
+  def write(tmp):
+    with open(tmp, 'w', encoding='utf-8') as f:
+      json.dump(data, f, indent=2, sort_keys=True, allow_nan=False)
+
+  write_atomically(path, write)
+
+
 def save_safetensors(
   state_dict: Mapping[str, Any],
   path: str | os.PathLike,
@@ -153,7 +271,7 @@ def save_safetensors(
 
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
     tensors = {k: (t.to(torch.bfloat16) if t.is_floating_point() else t.clone()) for k, t in tensors.items()}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
     return
   from safetensors.numpy import save_file
 
@@ -163,4 +281,5 @@ def save_safetensors(
     except TypeError:
       raise ValueError(f"dtype={dtype!r} is not a dtype name; use 'float32', 'float16', 'bfloat16' or None.") from None
     arrays = {k: (v.astype(target) if v.dtype.kind == 'f' else v) for k, v in arrays.items()}
-  save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, os.fspath(path), metadata=meta)
+  arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+  write_atomically(path, lambda tmp: save_file(arrays, tmp, metadata=meta))

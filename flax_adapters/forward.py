@@ -152,7 +152,7 @@ class AdaptedModel:
 
 
 def check_adapter_leaves(params, model: AdaptedModel) -> None:
-  """Every planned adapter leaf is present, and no adapter leaf is left unplanned (never ignored)."""
+  """Every planned adapter leaf is present with the planned shape, and none is left unplanned (never ignored)."""
   flat = traverse_util.flatten_dict(params) if isinstance(params, Mapping) else {}
   found: dict[Path, set[str]] = {}
   for key in flat:
@@ -176,3 +176,14 @@ def check_adapter_leaves(params, model: AdaptedModel) -> None:
         'model applies there. Pass the params returned by prepare_for_transfer (or by '
         'load_adapters/combine), not the base params.'
       )
+    for method in entry.methods:
+      for leaf, shape in method.shapes(entry.site).items():
+        want = tuple(entry.stack) + tuple(shape)
+        got = tuple(getattr(flat[path + (leaf,)], 'shape', ()))
+        if got != want:
+          stacked = f' ({len(entry.stack)} leading stacked-layer axes {tuple(entry.stack)})' if entry.stack else ''
+          raise ValueError(
+            f'params at {paths_lib.dotted(path)!r} hold `{leaf}` of shape {got}, but the {method.name} adapter '
+            f'planned there expects {want}{stacked}. The leaf was replaced by one of another rank or layer; '
+            'pass the params prepared for this model (prepare_for_transfer, load_adapters).'
+          )

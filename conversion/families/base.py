@@ -171,8 +171,10 @@ class Family:
     """
     if not isinstance(state_dict, Mapping):
       raise TypeError(f'state_dict must be a mapping {{key: tensor}}, got {type(state_dict).__name__}.')
-    table, expected = self._table(config, param_dtype)
+    self._check_config(config)
     origin = self.normalize_keys(state_dict)
+    self._check_depth(origin, config)
+    table, expected = self._table(config, param_dtype)
     arrays = {ours: state_dict[theirs] for ours, theirs in origin.items()}
     named = lambda key: repr(origin[key]) if origin[key] == key else f'{origin[key]!r} (read as {key!r})'
     ignore = [re.compile(p) for p in ignore]
@@ -215,6 +217,21 @@ class Family:
       f'Cannot convert the {self.name} checkpoint to {self.model_class.__name__} params (config: {self._hint(config)}):'
     )
     return unflatten_dict(flat)
+
+  def _check_depth(self, origin: Mapping[str, str], config: Any) -> None:
+    """A config deeper than the checkpoint is refused before a table of its layers is built."""
+    layers = getattr(config, self.num_layers_field)
+    depth = 0
+    for key in origin:
+      _, index = layer_pattern(key)
+      if index is not None and find_row(self.rows, key) is not None:
+        depth = max(depth, index + 1)
+    if layers > depth:
+      raise ValueError(
+        f'config {self.num_layers_field}={layers}, but the {self.name} checkpoint holds '
+        f'{"no layers" if not depth else f"layers 0..{depth - 1}"} ({depth} layers). Fix: set '
+        f'{self.num_layers_field}={depth} in config.json, or load the checkpoint this config belongs to.'
+      )
 
   def _buffer_reason(self, key: str) -> str | None:
     for pattern, reason in self.buffers:

@@ -45,18 +45,17 @@ class BertConfig:
   add_pooling_layer: bool = True
 
   def __post_init__(self):
-    hf_config.check_positive(
-      self,
-      'vocab_size',
-      'hidden_size',
-      'num_hidden_layers',
-      'num_attention_heads',
-      'intermediate_size',
-      'max_position_embeddings',
-      'type_vocab_size',
-    )
+    # Sizes first, against sane bounds: nothing is built from a config before this.
+    hf_config.check_at_most(self, 'layers', 'num_hidden_layers')
+    hf_config.check_at_most(self, 'width', 'hidden_size', 'intermediate_size')
+    hf_config.check_at_most(self, 'heads', 'num_attention_heads')
+    hf_config.check_at_most(self, 'vocab', 'vocab_size', 'type_vocab_size')
+    hf_config.check_at_most(self, 'positions', 'max_position_embeddings')
     hf_config.check_divides(self, 'hidden_size', 'num_attention_heads')
     hf_config.check_probability(self, 'hidden_dropout_prob', 'attention_probs_dropout_prob')
+    hf_config.check_finite_positive(self, 'layer_norm_eps')
+    hf_config.check_bool(self, 'add_pooling_layer')
+    hf_config.check_str(self, 'hidden_act')
     activation(self.hidden_act)
 
   @property

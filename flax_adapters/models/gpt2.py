@@ -51,12 +51,20 @@ class GPT2Config:
   tie_word_embeddings: bool = True
 
   def __post_init__(self):
-    hf_config.check_positive(self, 'vocab_size', 'n_positions', 'n_embd', 'n_layer', 'n_head')
+    # Sizes first, against sane bounds: nothing is built from a config before this.
+    hf_config.check_at_most(self, 'layers', 'n_layer')
+    hf_config.check_at_most(self, 'width', 'n_embd')
+    hf_config.check_at_most(self, 'heads', 'n_head')
+    hf_config.check_at_most(self, 'vocab', 'vocab_size')
+    hf_config.check_at_most(self, 'positions', 'n_positions')
+    if self.n_inner is not None:
+      hf_config.check_at_most(self, 'width', 'n_inner')
     hf_config.check_divides(self, 'n_embd', 'n_head')
     hf_config.check_probability(self, 'resid_pdrop', 'embd_pdrop', 'attn_pdrop')
+    hf_config.check_finite_positive(self, 'layer_norm_epsilon')
+    hf_config.check_bool(self, 'scale_attn_weights', 'scale_attn_by_inverse_layer_idx', 'tie_word_embeddings')
+    hf_config.check_str(self, 'activation_function')
     activation(self.activation_function, field='activation_function')
-    if self.n_inner is not None:
-      hf_config.check_positive(self, 'n_inner')
 
   @property
   def head_dim(self) -> int:

@@ -7,8 +7,15 @@ Only plain dictionaries are read (an HF `PretrainedConfig` works through its `to
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
+
+# Sizes beyond these describe no model that exists (the largest public ones have ~130 layers, width
+# ~50k, ~260k tokens, ~10M positions). Checking them first keeps a typo or a hostile config.json from
+# building a table of 10**9 layers or allocating terabytes. Raise a limit here for a model that
+# really is bigger.
+LIMITS = {'layers': 1024, 'width': 1 << 18, 'heads': 1 << 14, 'vocab': 1 << 23, 'positions': 1 << 25}
 
 
 def as_dict(hf_config: Any, *, argument: str = 'hf_config') -> dict[str, Any]:
@@ -52,6 +59,44 @@ def check_positive(config: Any, *names: str) -> None:
       raise ValueError(f'{type(config).__name__}.{name} must be a positive int, got {value!r}.')
 
 
+def check_at_most(config: Any, limit: str, *names: str) -> None:
+  """Positive ints no larger than `LIMITS[limit]` (checked before anything is built from them)."""
+  check_positive(config, *names)
+  for name in names:
+    value = getattr(config, name)
+    if value > LIMITS[limit]:
+      raise ValueError(
+        f'{type(config).__name__}.{name}={value} is beyond any real model (at most {LIMITS[limit]}); it is '
+        f'a typo or a damaged config. If the model really has that many, raise '
+        f'flax_adapters.models.hf_config.LIMITS[{limit!r}].'
+      )
+
+
+def check_finite_positive(config: Any, *names: str) -> None:
+  """Finite numbers > 0 (an eps, a RoPE base or factor): anything else gives NaN or inf outputs."""
+  for name in names:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+      raise ValueError(
+        f'{type(config).__name__}.{name} must be a finite number > 0, got {value!r}; other values make the '
+        'outputs NaN or inf.'
+      )
+
+
+def check_bool(config: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, bool):
+      raise TypeError(f'{type(config).__name__}.{name} must be true or false, got {value!r}.')
+
+
+def check_str(config: Any, *names: str) -> None:
+  for name in names:
+    value = getattr(config, name)
+    if not isinstance(value, str):
+      raise TypeError(f'{type(config).__name__}.{name} must be a string, got {value!r}.')
+
+
 def check_divides(config: Any, numerator: str, denominator: str) -> None:
   n, d = getattr(config, numerator), getattr(config, denominator)
   if n % d:
@@ -61,5 +106,5 @@ def check_divides(config: Any, numerator: str, denominator: str) -> None:
 def check_probability(config: Any, *names: str) -> None:
   for name in names:
     value = getattr(config, name)
-    if not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
       raise ValueError(f'{type(config).__name__}.{name} must be in [0, 1), got {value!r}.')

@@ -59,25 +59,24 @@ class LlamaConfig:
   tie_word_embeddings: bool = False
 
   def __post_init__(self):
+    # Sizes first, against sane bounds: nothing is built from a config before this.
+    hf_config.check_at_most(self, 'layers', 'num_hidden_layers')
+    hf_config.check_at_most(self, 'width', 'hidden_size', 'intermediate_size')
+    hf_config.check_at_most(self, 'heads', 'num_attention_heads')
+    hf_config.check_at_most(self, 'vocab', 'vocab_size')
+    hf_config.check_at_most(self, 'positions', 'max_position_embeddings')
     # Resolve the "same as" defaults so every consumer sees concrete numbers.
     if self.num_key_value_heads is None:
       object.__setattr__(self, 'num_key_value_heads', self.num_attention_heads)
     if self.head_dim is None:
-      hf_config.check_positive(self, 'num_attention_heads')
       object.__setattr__(self, 'head_dim', self.hidden_size // self.num_attention_heads)
-    hf_config.check_positive(
-      self,
-      'vocab_size',
-      'hidden_size',
-      'intermediate_size',
-      'num_hidden_layers',
-      'num_attention_heads',
-      'num_key_value_heads',
-      'head_dim',
-      'max_position_embeddings',
-    )
+    hf_config.check_at_most(self, 'heads', 'num_key_value_heads')
+    hf_config.check_at_most(self, 'width', 'head_dim')
     hf_config.check_divides(self, 'num_attention_heads', 'num_key_value_heads')
     hf_config.check_probability(self, 'attention_dropout')
+    hf_config.check_finite_positive(self, 'rms_norm_eps', 'rope_theta')
+    hf_config.check_bool(self, 'attention_bias', 'mlp_bias', 'tie_word_embeddings')
+    hf_config.check_str(self, 'hidden_act', 'rope_type')
     if self.head_dim % 2:
       raise ValueError(f'LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.')
     activation(self.hidden_act)
@@ -89,42 +88,37 @@ class LlamaConfig:
     needed = {
       'default': (),
       'linear': ('rope_factor',),
-      'llama3': (
-        'rope_factor',
-        'rope_low_freq_factor',
-        'rope_high_freq_factor',
-        'rope_original_max_position_embeddings',
-      ),
+      'llama3': ('rope_factor', 'rope_low_freq_factor', 'rope_high_freq_factor'),
     }[self.rope_type]
     for name in needed:
       if getattr(self, name) is None:
         raise ValueError(f'rope_type={self.rope_type!r} needs LlamaConfig.{name}, which is None.')
+    hf_config.check_finite_positive(self, *needed)
+    if self.rope_type == 'llama3':
+      if self.rope_original_max_position_embeddings is None:
+        # transformers' default for a llama3 config without it.
+        object.__setattr__(self, 'rope_original_max_position_embeddings', self.max_position_embeddings)
+      hf_config.check_at_most(self, 'positions', 'rope_original_max_position_embeddings')
+      if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+        raise ValueError(
+          f'LlamaConfig.rope_high_freq_factor={self.rope_high_freq_factor} must be greater than '
+          f'rope_low_freq_factor={self.rope_low_freq_factor} (llama3 RoPE blends between the two).'
+        )
 
   @classmethod
   def from_hf(cls, config: Any, **overrides: Any) -> LlamaConfig:
-    """From an HF LLaMA `config.json` dict (or `PretrainedConfig`); `overrides` replace fields."""
+    """From an HF LLaMA `config.json` dict (or `PretrainedConfig`); `overrides` replace fields.
+
+    RoPE is resolved as transformers 5 resolves it (`RotaryEmbeddingConfigMixin`): a non-empty
+    `rope_scaling` (the 4.x spelling) wins over `rope_parameters`; the base is the chosen dict's
+    `rope_theta`, else the top-level `rope_theta`, else 10000; the type is its `rope_type`, else the
+    legacy `type`; llama3's `original_max_position_embeddings` defaults to `max_position_embeddings`.
+    """
     hf = hf_config.as_dict(config, argument='config')
     fields = hf_config.known_fields(cls, hf, 'llama')
-    for key in ('rope_type', 'rope_factor'):
-      fields.pop(key, None)  # only ever read from the rope dictionaries below
-    # transformers 5 writes `rope_parameters` (theta included); 4.x writes `rope_theta` and
-    # `rope_scaling` (None for plain RoPE, and the type under 'type' in old files).
-    rope = dict(hf.get('rope_parameters') or hf.get('rope_scaling') or {})
-    if 'rope_theta' in rope:
-      fields['rope_theta'] = rope['rope_theta']
-    fields['rope_type'] = rope.get('rope_type', rope.get('type', 'default'))
-    for ours, theirs in (
-      ('rope_factor', 'factor'),
-      ('rope_low_freq_factor', 'low_freq_factor'),
-      ('rope_high_freq_factor', 'high_freq_factor'),
-      ('rope_original_max_position_embeddings', 'original_max_position_embeddings'),
-    ):
-      if theirs in rope:
-        fields[ours] = rope[theirs]
-    partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor', 1.0))
-    if partial != 1.0:
-      raise ValueError(f'partial_rotary_factor={partial!r} is not supported (LLaMA rotates all of head_dim).')
-    return cls(**{**fields, **overrides})
+    for key in ('rope_type', 'rope_factor', 'rope_theta'):
+      fields.pop(key, None)  # only ever read through the rope dictionaries below
+    return cls(**{**fields, **_rope_fields(hf), **overrides})
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict of this architecture (transformers 5 spelling, `LlamaForCausalLM`)."""
@@ -140,6 +134,38 @@ class LlamaConfig:
       if value is not None:
         rope[theirs] = value
     return {'model_type': 'llama', 'architectures': ['LlamaForCausalLM'], **d, 'rope_parameters': rope}
+
+
+def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
+  """The RoPE fields of an HF config dict, whichever transformers spelling it uses (see `from_hf`)."""
+  for name in ('rope_scaling', 'rope_parameters'):
+    if hf.get(name) is not None and not isinstance(hf[name], dict):
+      raise TypeError(f'config {name}={hf[name]!r} must be an object of RoPE parameters or null.')
+  rope = dict(hf.get('rope_scaling') or hf.get('rope_parameters') or {})
+  nested = sorted(k for k, v in rope.items() if isinstance(v, dict))
+  if nested:
+    raise ValueError(
+      f'config RoPE parameters per layer type ({nested}) are not supported: LLaMA rotates every layer alike.'
+    )
+  theta = rope.get('rope_theta')
+  if theta is None:
+    theta = hf.get('rope_theta')
+  fields = {
+    'rope_theta': 10000.0 if theta is None else theta,
+    'rope_type': rope.get('rope_type', rope.get('type', 'default')),
+  }
+  for ours, theirs in (
+    ('rope_factor', 'factor'),
+    ('rope_low_freq_factor', 'low_freq_factor'),
+    ('rope_high_freq_factor', 'high_freq_factor'),
+    ('rope_original_max_position_embeddings', 'original_max_position_embeddings'),
+  ):
+    if rope.get(theirs) is not None:
+      fields[ours] = rope[theirs]
+  partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor'))
+  if partial is not None and partial != 1.0:
+    raise ValueError(f'config partial_rotary_factor={partial!r} is not supported (LLaMA rotates all of head_dim).')
+  return fields
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:

@@ -102,7 +102,7 @@ def test_killed_save_leaves_nothing_that_loads(tmp_path):
   proc = subprocess.run([sys.executable, '-c', _CRASHING_SAVE, str(target)], cwd=os.getcwd(), capture_output=True)
   assert proc.returncode == -9, proc.stderr.decode()[-2000:]
   assert not os.path.exists(target)
-  assert any(n.startswith('ckpt') for n in os.listdir(tmp_path))  # the unfinished temporary directory
+  assert any(n.startswith('.ckpt.flax-adapters-tmp-') for n in os.listdir(tmp_path))  # the unfinished save
   model, params, x = net.make()
   adapted, p = fa.prepare_for_transfer(model, params, config('lora'), x)
   with pytest.raises(FileNotFoundError, match='only an unfinished save was found there: it was interrupted'):

@@ -10,12 +10,12 @@ validated on construction: a bad config fails where it is written, not inside a 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flax_adapters import methods as methods_lib
+from flax_adapters.methods.base import check_positive_int, check_positive_number
 from flax_adapters.methods.houlsby import ACTIVATIONS as HOULSBY_ACTIVATIONS
 from flax_adapters.methods.houlsby import INITS as HOULSBY_INITS
 from flax_adapters.methods.houlsby import PLACEMENTS as HOULSBY_PLACEMENTS
@@ -47,18 +47,6 @@ def _check_targets(targets: tuple, name: str) -> None:
       f'`{name}` lists {sorted(map(str, duplicates))} more than once; each target adds one adapter '
       'per matched layer, so list each target once.'
     )
-
-
-def _check_positive_int(value: Any, name: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'`{name}` must be a positive integer, found {value!r}.')
-
-
-def _check_positive_number(value: Any, name: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise ValueError(f'`{name}` must be a positive number, found {value!r}.')
-  if not math.isfinite(value):
-    raise ValueError(f'`{name}` must be a finite positive number, found {value!r} (it would make every output NaN).')
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -169,9 +157,9 @@ class TransferConfig:
       _check_targets(targets, name)
       object.__setattr__(self, name, targets)
     for name in ('lora_rank', 'locon_rank', 'houlsby_latent_dim'):
-      _check_positive_int(getattr(self, name), name)
+      check_positive_int(getattr(self, name), name)
     for name in ('lora_alpha', 'locon_alpha'):
-      _check_positive_number(getattr(self, name), name)
+      check_positive_number(getattr(self, name), name)
     if (
       isinstance(self.lora_dropout, bool)
       or not isinstance(self.lora_dropout, (int, float))
@@ -241,7 +229,7 @@ class TransferConfig:
           f'`new_heads[{name!r}]` lacks {missing}; a head spec needs both, e.g. '
           f"{{'modality': 'atac', 'num_tracks': 4}}. Found {dict(spec)!r}."
         )
-      _check_positive_int(spec['num_tracks'], f'new_heads[{name!r}]["num_tracks"]')
+      check_positive_int(spec['num_tracks'], f'new_heads[{name!r}]["num_tracks"]')
       if not isinstance(spec['modality'], str) or not spec['modality']:
         raise TypeError(f'`new_heads[{name!r}]["modality"]` must be a non-empty string, found {spec["modality"]!r}.')
       heads[name] = dict(spec)

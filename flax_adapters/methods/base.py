@@ -227,8 +227,10 @@ def check_positive_number(value: Any, name: str) -> None:
   """A finite number > 0 (inf and NaN would make every output NaN)."""
   if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
     raise ValueError(f'`{name}` must be a positive number, found {value!r}.')
-  if not (math.isfinite(value) and value > 0):
-    raise ValueError(f'`{name}` must be a positive finite number, found {value!r}.')
+  if not math.isfinite(value):
+    raise ValueError(f'`{name}` must be a finite positive number, found {value!r} (it would make every output NaN).')
+  if not value > 0:
+    raise ValueError(f'`{name}` must be a positive number, found {value!r}.')
 
 
 def check_choice(value: Any, choices: Sequence[str], name: str, hint: str = '') -> None:

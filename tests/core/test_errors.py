@@ -189,9 +189,9 @@ def test_non_finite_alpha_is_refused_in_config_and_method(value):
     fa.TransferConfig(mode='lora', lora_alpha=value)
   with pytest.raises(ValueError, match=r'`locon_alpha` must be a (finite )?positive'):
     fa.TransferConfig(mode='locon', locon_targets=['conv1d'], locon_alpha=value)
-  with pytest.raises(ValueError, match=r'`alpha` must be a positive finite number'):
+  with pytest.raises(ValueError, match=r'`alpha` must be a finite positive number'):
     fa.LoRA(alpha=value)
-  with pytest.raises(ValueError, match=r'`alpha` must be a positive finite number'):
+  with pytest.raises(ValueError, match=r'`alpha` must be a finite positive number'):
     fa.Locon(alpha=value)
 
 

@@ -23,17 +23,11 @@ decides, locks and swaps, and the others follow its decision.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import re
-import shutil
-import sys
-import uuid
 from typing import Any
 
 import jax
@@ -42,21 +36,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from flax_adapters import atomic
 from flax_adapters import methods as methods_lib
 from flax_adapters.config import TransferConfig
 from flax_adapters.forward import AdaptedModel, Trainable, check_adapter_leaves
 from flax_adapters.training import trainable_mask
 
-try:
-  import fcntl
-except ImportError:  # not POSIX: no queue, but saves never mix and a racing loser still learns it lost
-  fcntl = None
-
 FORMAT = 'flax_adapters.adapter_checkpoint/1'
 # What a save writes at the top of a checkpoint directory: orbax's items, and its bookkeeping files
 # (named with a leading underscore, e.g. _CHECKPOINT_METADATA, plus commit_success.txt).
 CHECKPOINT_ENTRIES = frozenset({'params', 'meta', 'commit_success.txt'})
-_TMP, _OLD, _LOCK = '.flax-adapters-tmp-', '.flax-adapters-old-', '.flax-adapters-lock'
 
 
 # -- config and plan as JSON -----------------------------------------------------------------
@@ -101,31 +90,6 @@ def trainable_from_json(data: dict[str, Any]) -> Trainable:
 
 
 # -- several JAX processes ----------------------------------------------------------------------
-
-
-def _multiprocess() -> bool:
-  return jax.process_count() > 1
-
-
-def _is_primary() -> bool:
-  return jax.process_index() == 0
-
-
-def _broadcast_text(text: str) -> str:
-  """Process 0's `text` on every process (as a fixed-size array, through JAX's collectives)."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  data = np.frombuffer(text.encode()[:4096], np.uint8)
-  buffer = np.zeros(4100, np.int32)
-  buffer[0], buffer[1 : 1 + data.size] = data.size, data
-  out = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
-  return bytes(out[1 : 1 + int(out[0])].astype(np.uint8)).decode(errors='replace')
-
-
-def _barrier(name: str) -> None:
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  multihost_utils.sync_global_devices(name)
 
 
 def _host_value(leaf) -> np.ndarray:
@@ -212,122 +176,7 @@ def _compare_fingerprints(saved, model: AdaptedModel, params, directory) -> None
       )
 
 
-# -- writing a directory atomically ----------------------------------------------------------
-
-
-def _sibling(directory: str, kind: str, uid: str = '') -> str:
-  parent, name = os.path.split(directory)
-  return os.path.join(parent, f'.{name}{kind}{uid}')
-
-
-def _stage(name: str) -> None:
-  """Marks the steps of a save (tests kill the process here to check that nothing is lost)."""
-
-
-def _fsync(path: str) -> None:
-  if os.name == 'nt' and os.path.isdir(path):
-    return  # Windows cannot open a directory to sync it
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  except OSError as e:  # some file systems cannot fsync a directory
-    if e.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES):
-      raise
-  finally:
-    os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-  for path, _dirs, files in os.walk(root):
-    for name in files:
-      _fsync(os.path.join(path, name))
-    _fsync(path)
-
-
-_RENAME_EXCHANGE = 2
-
-
-def _exchange(a: str, b: str) -> bool:
-  """Swap two paths in one atomic step (Linux renameat2); False where the OS or file system cannot."""
-  if not sys.platform.startswith('linux'):
-    return False
-  try:
-    renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-  except (AttributeError, OSError):
-    return False
-  at_fdcwd = -100
-  if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-    return True
-  code = ctypes.get_errno()
-  if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-    return False
-  raise OSError(code, f'exchanging {a!r} and {b!r}: {os.strerror(code)}')
-
-
-def _swap_in(new: str, directory: str, uid: str, overwrite: bool) -> None:
-  """Put the complete directory `new` at `directory`; the previous one (if any) is deleted after."""
-  parent = os.path.dirname(directory)
-  if not overwrite and os.path.lexists(directory):  # only where no lock serialises the writers
-    raise FileExistsError(f'`directory` {directory!r} was written by another save meanwhile; this one is dropped.')
-  if not os.path.lexists(directory):
-    os.rename(new, directory)
-    _stage('swapped')
-  elif _exchange(new, directory):
-    _fsync(parent)
-    _stage('swapped')
-    shutil.rmtree(new)  # now the old checkpoint
-  else:
-    old = _sibling(directory, _OLD, uid)
-    os.rename(directory, old)
-    _fsync(parent)
-    _stage('aside')  # killed here: _recover moves the new one in
-    os.rename(new, directory)
-    _fsync(parent)
-    _stage('swapped')
-    shutil.rmtree(old)
-  _fsync(parent)
-
-
-def _leftovers(directory: str, kind: str) -> list[str]:
-  """What saves of `directory` killed midway left beside it (a `kind` of sibling, orbax's own included)."""
-  parent, name = os.path.split(directory)
-  ours = re.compile(rf'\.{re.escape(name)}{re.escape(kind)}[0-9a-f]{{32}}(\.orbax-checkpoint-tmp.*)?')
-  try:
-    return sorted(os.path.join(parent, n) for n in os.listdir(parent) if ours.fullmatch(n))
-  except FileNotFoundError:
-    return []
-
-
-def _recover(directory: str) -> None:
-  """Finish a swap that a killed save left between its two renames (the path is then empty)."""
-  if os.path.lexists(directory):
-    return
-  for old in _leftovers(directory, _OLD):
-    uid = os.path.basename(old)[-32:]
-    new = _sibling(directory, _TMP, uid)
-    # The new one was complete and synced before the old one was moved aside.
-    os.rename(new if _not_a_checkpoint(new) is None else old, directory)
-    _fsync(os.path.dirname(directory))
-    return
-
-
-def _remove_leftovers(directory: str) -> None:
-  """Temporary directories of killed saves of this path (only the lock holder calls this)."""
-  for path in _leftovers(directory, _TMP) + _leftovers(directory, _OLD):
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _locked(directory: str):
-  """Exclusive use of the path `directory` among flax_adapters saves (a lock file beside it)."""
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  fd = os.open(_sibling(directory, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-  try:
-    if fcntl is not None:
-      fcntl.flock(fd, fcntl.LOCK_EX)
-    yield
-  finally:
-    os.close(fd)  # releases the lock
+# -- what may be replaced -------------------------------------------------------------------
 
 
 def _read_meta_file(directory: str):
@@ -376,51 +225,6 @@ def _refusal(directory: str, overwrite: bool) -> str:
   return ''
 
 
-def _raise(refusal: str) -> None:
-  kind, message = refusal.split(':', 1)
-  raise {'FileExistsError': FileExistsError, 'ValueError': ValueError, 'OSError': OSError}[kind](message)
-
-
-def _commit(directory: str, overwrite: bool, write) -> None:
-  """Run `write(tmp)` to fill a fresh temporary directory, then swap it in at `directory`.
-
-  Every JAX process runs this; process 0 holds the lock, decides and swaps.
-  """
-  primary, multi = _is_primary(), _multiprocess()
-  with contextlib.ExitStack() as stack:
-    refusal, uid = '', uuid.uuid4().hex
-    if primary:
-      try:
-        stack.enter_context(_locked(directory))
-        _recover(directory)
-        refusal = _refusal(directory, overwrite)
-        if not refusal and fcntl is not None:  # without a lock, a leftover may be a live save's
-          _remove_leftovers(directory)
-      except OSError as e:
-        if not multi:
-          raise
-        refusal = f'OSError:process 0 cannot save to {directory!r}: {e}'  # the others must not wait for it
-    if multi:
-      refusal, uid = _broadcast_text(refusal), _broadcast_text(uid)
-    if refusal:
-      _raise(refusal)
-    tmp = _sibling(directory, _TMP, uid)
-    _stage('locked')
-    try:
-      write(tmp)
-      _stage('written')
-      if primary:
-        _fsync_tree(tmp)
-        _stage('synced')
-        _swap_in(tmp, directory, uid, overwrite)
-    except BaseException:
-      if primary:
-        shutil.rmtree(tmp, ignore_errors=True)
-      raise
-    if multi:
-      _barrier(f'flax_adapters.save_adapters:{uid}')
-
-
 # -- save / load -----------------------------------------------------------------------------
 
 
@@ -456,10 +260,10 @@ def save_adapters(directory: str | os.PathLike, model: AdaptedModel, params, *, 
   if not isinstance(overwrite, bool):
     raise TypeError(f'`overwrite` must be True or False, found {overwrite!r}.')
   directory = os.path.abspath(os.fspath(directory))
-  if not _multiprocess():  # fail before any work (process 0 decides again under the lock)
+  if not atomic.multiprocess():  # fail before any work (process 0 decides again under the lock)
     refusal = _refusal(directory, overwrite)
     if refusal:
-      _raise(refusal)
+      atomic.raise_refusal(refusal)
   check_adapter_leaves(params, model)
   tree = trained_leaves(model, params)
   if not jax.tree.leaves(tree):
@@ -480,7 +284,7 @@ def save_adapters(directory: str | os.PathLike, model: AdaptedModel, params, *, 
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       ckptr.save(tmp, ocp.args.Composite(params=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
 
-  _commit(directory, overwrite, write)
+  atomic.commit(directory, overwrite, write, _refusal, lambda path: _not_a_checkpoint(path) is None)
   return directory
 
 
@@ -510,12 +314,12 @@ def _check_meta(meta, directory: str) -> dict:
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
   """The checkpoint's JSON metadata (config, plan, base fingerprint)."""
   directory = os.path.abspath(os.fspath(directory))
-  if not _multiprocess() and not os.path.lexists(directory) and _leftovers(directory, _OLD):
-    with _locked(directory):
-      _recover(directory)  # a save was killed between its two renames
+  if not atomic.multiprocess() and not os.path.lexists(directory) and atomic.leftovers(directory, atomic.OLD):
+    with atomic.locked(directory):
+      atomic.recover(directory, lambda path: _not_a_checkpoint(path) is None)  # a save was killed mid-swap
   if not os.path.isdir(directory):
     parent, name = os.path.split(directory)
-    partial = _leftovers(directory, _TMP) or [
+    partial = atomic.leftovers(directory, atomic.TMP) or [
       n for n in (os.listdir(parent) if os.path.isdir(parent) else ()) if n.startswith(name + '.orbax-checkpoint-tmp')
     ]
     hint = ' (only an unfinished save was found there: it was interrupted and cannot be loaded)' if partial else ''

@@ -15,10 +15,10 @@ import traceback
 import orbax.checkpoint as ocp
 
 import flax_adapters as fa
-from flax_adapters import checkpoint
+from flax_adapters import atomic
 
 SAVED, REFUSED, FAILED = 0, 3, 4
-# Steps of a save where a kill is tried (see flax_adapters.checkpoint._stage), plus 'during': inside
+# Steps of a save where a kill is tried (see flax_adapters.atomic._stage), plus 'during': inside
 # orbax's write, after the params are written and before the metadata is.
 STAGES = ('locked', 'during', 'written', 'synced', 'aside', 'swapped')
 
@@ -33,13 +33,13 @@ def save(
   with open(job, 'rb') as f:
     model, params = pickle.load(f)
   if not exchange:  # as on a file system without renameat2(RENAME_EXCHANGE): rename aside, then in
-    checkpoint._exchange = lambda a, b: False
+    atomic._exchange = lambda a, b: False
   if kill_at == 'during':
     ocp.handlers.JsonCheckpointHandler._save_fn = _die
   elif kill_at is not None:
-    checkpoint._stage = lambda name: _die() if name == kill_at else None
+    atomic._stage = lambda name: _die() if name == kill_at else None
   elif hold:  # keep the lock a while, so that the other writer surely waits for it
-    checkpoint._stage = lambda name: time.sleep(hold) if name == 'locked' else None
+    atomic._stage = lambda name: time.sleep(hold) if name == 'locked' else None
   if start is not None:
     start.wait(30)  # racing writers start together
   try:

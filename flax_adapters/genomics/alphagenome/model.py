@@ -275,6 +275,7 @@ def calibrate_norms(model: AlphaGenome, variables, dna: Array, organism_index: A
   statistics would: activations then keep realistic magnitudes through the whole stack (random
   weights with arbitrary statistics let them grow by orders of magnitude). One compiled forward.
   """
+
   def measure(params, buffers, dna, organism_index):
     stats = {}
 

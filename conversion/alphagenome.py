@@ -233,38 +233,45 @@ def _checked_table(model: AlphaGenome) -> tuple[list[Row], dict]:
 
 # -- recognising other ports -----------------------------------------------------------------
 
+# (test on a key, the share of keys that must pass it, what the checkpoint is)
 _OTHER_PORTS = (
   (
     lambda k: k.startswith('transformer_unet.'),
+    0.5,
     "lucidrains' alphagenome-pytorch (github.com/lucidrains/alphagenome): its keys start with "
     "'transformer_unet.'. Its modules are laid out differently (fused QKV, baked standardized convs); convert "
     "DeepMind's weights with genomicsxai's alphagenome-pytorch instead",
   ),
   (
     lambda k: k.startswith('alphagenome/') or '/sequence_encoder/' in k or '/transformer_tower/' in k,
+    0.5,
     "DeepMind's JAX/Haiku checkpoint (alphagenome_research): its keys are Haiku paths like "
     "'alphagenome/sequence_encoder/...'. Convert it with genomicsxai's alphagenome-pytorch "
     '(its convert_weights script), then load that',
   ),
   (
-    lambda k: '.original_layer.' in k or '.lora_A.' in k or '.locon_down.' in k or '.adapter.down_project.' in k,
-    f'a {PORT} model with adapters applied (prepare_for_transfer): its wrapped layers keep their weights under '
-    "'.original_layer.'. Save the base model's state dict, or merge (merge_adapters), or load the adapters with "
-    'adapted_params_from_port',
+    lambda k: k.startswith('module.'),
+    0.5,
+    "a DistributedDataParallel-wrapped state dict: its keys start with 'module.'. Strip that prefix first",
   ),
   (
-    lambda k: k.startswith('module.'),
-    "a DistributedDataParallel-wrapped state dict: its keys start with 'module.'. Strip that prefix first",
+    lambda k: '.original_layer.' in k or '.lora_A.' in k or '.locon_down.' in k or '.adapter.down_project.' in k,
+    0.0,
+    f'a {PORT} model with adapters applied (prepare_for_transfer): its wrapped layers keep their weights under '
+    "'.original_layer.'. Save the base model's state dict, or merge (merge_adapters), or read it with "
+    'adapted_params_from_port',
   ),
 )
 
 
 def _check_port(keys: list[str], argument: str) -> None:
   """Refuse a checkpoint of another AlphaGenome port (or another wrapping of this one), naming it."""
-  for looks_like, what in _OTHER_PORTS:
+  for looks_like, share, what in _OTHER_PORTS:
     hits = [k for k in keys if looks_like(k)]
-    if hits and len(hits) >= max(1, len(keys) // 20):
-      raise ValueError(f'`{argument}` is not a state dict of {PORT}: it looks like {what}. First keys: {keys[:3]}.')
+    if hits and len(hits) > share * len(keys):
+      raise ValueError(
+        f'`{argument}` is not a state dict of {PORT}: it looks like {what}. First such keys: {hits[:3]}.'
+      )
 
 
 # -- torch -> flax ---------------------------------------------------------------------------
@@ -319,7 +326,7 @@ def variables_from_port(
         f'{tuple(want.shape)} (in flax layout). Fix: the config does not match the checkpoint.',
       )
       continue
-    flat[(row.collection, *row.path)] = jnp.asarray(to_flax(array, row.layout).astype(want.dtype))
+    flat[(row.collection, *row.path)] = jnp.asarray(np.asarray(to_flax(array, row.layout), dtype=want.dtype))
   known = {r.torch_key for r in table}
   for key in keys:
     if key not in known:

@@ -100,6 +100,19 @@ def test_output_heads_resolutions_and_scaled_predictions(tiny):
   )
 
 
+def test_bfloat16_compute_with_float32_params(tiny):
+  """dtype=bfloat16 computes the trunk in bfloat16 (logits come out bfloat16); track outputs are float32 (scales)."""
+  variables, dna, organism, _ = tiny
+  model = AlphaGenome(C, dtype=jnp.bfloat16)
+  out = jax.eval_shape(model.apply, variables, dna.astype(jnp.bfloat16), organism)
+  assert out['splice_sites']['logits'].dtype == out['contact_maps'].dtype == jnp.bfloat16
+  assert out['atac'][128].dtype == jnp.float32
+  assert (
+    jax.eval_shape(model.init, jax.random.key(0), dna)['params']['tower']['blocks_0']['mha']['q_proj']['kernel'].dtype
+    == jnp.float32
+  )
+
+
 def test_targets_scaling_inverts_predictions_scaling():
   x = jnp.asarray(np.random.default_rng(0).uniform(0, 30, (2, 5, 3)))
   means = jnp.asarray([[1.0, 2.0, 0.5], [3.0, 1.0, 1.5]])

@@ -107,6 +107,13 @@ def test_other_ports_are_refused_by_name(keys, port):
     ca.variables_from_port({k: np.zeros(2, np.float32) for k in keys}, C)
 
 
+def test_a_port_model_with_adapters_applied_is_refused_by_name(tiny):
+  _, sd = tiny
+  wrapped = {k.replace('mha.q_proj.weight', 'mha.q_proj.original_layer.weight'): v for k, v in sd.items()}
+  with pytest.raises(ValueError, match=r'looks like a .*alphagenome-pytorch.* model with adapters applied'):
+    ca.variables_from_port(wrapped, C)
+
+
 def test_export_refuses_adapter_leaves(tiny):
   variables, _ = tiny
   dna = MODEL.dummy_input()

@@ -27,9 +27,10 @@ the test asks ours for the port's behaviour through our public options (`as_the_
    on `v_proj`: no IA3 there); ours stacks them. Ours drops the targets the port skips.
 4. Locon on the standardized encoder convs (the guide's `down_blocks.4/5` examples) fails in the
    installed port (its down conv gets padding 0 while the wrapped conv pads by hand: a shape
-   mismatch). It is compared with the port's Locon given the conv's own padding, and the port's
-   merge, which folds it into a plain conv (dropping the standardization), is not compared; ours
-   keeps it factored. Locon as the installed port runs it (plain 1x1 convs) is compared whole.
+   mismatch). It is compared with the port's Locon given the conv's own padding. The port's merge
+   would replace it by a plain `Conv1d` (no standardization, and again unpadded: it fails too), so
+   it is not compared; ours keeps it factored. Locon as the installed port runs it (on the
+   decoder's plain 1x1 convs) is compared whole.
 5. The port's merge folds LoRA and Locon only; ours folds IA3 too. Merged outputs agree.
 6. The port's Houlsby block wrapper freezes every parameter of the block it wraps, the LoRA and IA3
    adapters placed inside it before included: with LoRA on q/v and IA3 on k and fc2 (IA3_FF), the
@@ -298,6 +299,17 @@ def test_seed_configuration_side_by_side(real, name):
     with torch.no_grad():
       base = real['port'](real['dna'], torch.tensor([0]), heads=('chip_tf',), resolutions=(128,))
     assert relative_error(ours['chip_tf'][128], base['chip_tf'][128]) > 100 * TOL
+
+  if name == 'lora+locon+ia3+houlsby':  # ours, exported in the port's layout, loads strictly and equals the port's
+    exported = ca.port_adapter_state_dict(adapted, params, buffers)
+    fresh = transfer.prepare_for_transfer(
+      port_model_sharing(real['state_dict'], real['port']), transfer.TransferConfig(**kwargs)
+    )
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in exported.items()}, strict=True, assign=True)
+    loaded = fresh.state_dict()
+    for key, value in port.state_dict().items():
+      np.testing.assert_array_equal(loaded[key].numpy(), value.numpy(), err_msg=key)
+    del exported, fresh
 
   served, merged = fa.merge_adapters(adapted, params)
   if isinstance(served, fa.AdaptedModel) and served.plan == adapted.plan:

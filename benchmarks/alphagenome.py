@@ -284,7 +284,8 @@ def table(result: dict) -> str:
   rows = [
     '| AlphaGenome (450M), LoRA r=8 on q/v + new head, 2048 bp, batch 1, fp32 | flax_adapters | the port (torch) | ratio |',
     '|---|---|---|---|',
-    f'| step (s, median of {len(j["times"])}) | {med(j):.2f} | {med(t):.2f} | {med(j) / med(t):.2f} |',
+    f'| step (s, median of {len(j["times"])}; range) | {med(j):.2f} ({min(j["times"]):.2f}–{max(j["times"]):.2f}) '
+    f'| {med(t):.2f} ({min(t["times"]):.2f}–{max(t["times"]):.2f}) | {med(j) / med(t):.2f} |',
     f'| peak RSS while training (MiB) | {j["training_peak_rss_mib"]:.0f} | {t["training_peak_rss_mib"]:.0f} | {j["training_peak_rss_mib"] / t["training_peak_rss_mib"]:.2f} |',
     f'| peak RSS of the process, incl. setup (MiB) | {j["process_peak_rss_mib"]:.0f} | {t["process_peak_rss_mib"]:.0f} | {j["process_peak_rss_mib"] / t["process_peak_rss_mib"]:.2f} |',
   ]
@@ -295,6 +296,13 @@ def table(result: dict) -> str:
       f'| {lt["length"]:,} ({lt["step_s"]:.1f} s, {lt["training_peak_rss_mib"]:.0f}) | |'
     )
   rows.append(f'| compile (s), not in the step | {j["compile_s"]:.0f} | – | |')
+  if 'longest' in result:
+    tried = lambda n: ', '.join(f'{e["length"]:,}' for e in result['longest'][n]['tried'])
+    rows.append(
+      f'\nLongest input: lengths doubled while the training peak stayed under {result["memory_gib"]} GiB; the next one is '
+      f"run only if the peak's linear trend predicts it fits (measured: {tried('jax')} bp for flax_adapters, "
+      f'{tried("torch")} for the port).'
+    )
   loss = max(abs(a - b) / abs(b) for a, b in zip(j['losses'], t['losses']))
   load = statistics.median(j['others_load'] + t['others_load'])
   note = (
@@ -330,7 +338,14 @@ def main():
   parser.add_argument('--side', choices=('jax', 'torch', 'weights'))
   parser.add_argument('--dir')
   parser.add_argument('--length', type=int, default=2048)
+  parser.add_argument('--table', help='render the table of a results JSON (with --readme: into README.md) and stop')
   args = parser.parse_args()
+  if args.table:
+    text = table(json.load(open(args.table)))
+    print(text)
+    if args.readme:
+      write_readme(text + f'\n\nJSON: `{os.path.relpath(os.path.abspath(args.table), ROOT)}`')
+    return
   if args.side == 'weights':
     print(json.dumps(make_weights(args.dir, args.quick, args.length)))
     return

@@ -84,8 +84,12 @@ def test_the_organism_changes_only_its_example(tiny):
 
 def test_output_heads_resolutions_and_scaled_predictions(tiny):
   variables, dna, organism, out = tiny
-  scaled = run(MODEL, variables, dna, organism, output_heads=('rna_seq', 'chip_tf'), return_scaled_predictions=True)
-  assert set(scaled) == {'rna_seq', 'chip_tf'}
+  heads = ('rna_seq', 'chip_tf', 'splice_junctions')
+  scaled = run(MODEL, variables, dna, organism, output_heads=heads, return_scaled_predictions=True)
+  assert set(scaled) == set(heads)  # the junctions' sites come from splice_sites, run but not returned (as the port)
+  np.testing.assert_array_equal(
+    scaled['splice_junctions']['splice_site_positions'], out['splice_junctions']['splice_site_positions']
+  )
   means = variables['buffers']['heads']['rna_seq']['track_means'][organism]
   for r in (1, 128):  # rna_seq is squashed: experimental = (clip^-1(scaled)) ** (1/0.75) * means * resolution
     want = out['rna_seq'][r]  # another compiled program: float32 rounding differs, and the power amplifies it
@@ -144,7 +148,7 @@ def test_bad_inputs_are_refused_by_name(tiny):
     jax.eval_shape(functools.partial(MODEL.apply, output_heads=['atacc']), variables, dna)
   junctions_only = MODEL.clone(heads={'splice_junctions': MODEL.heads['splice_junctions']})
   v = jax.eval_shape(junctions_only.init, jax.random.key(0), dna)
-  with pytest.raises(ValueError, match=r'pass splice_site_positions=\(batch, 4, k\)'):
+  with pytest.raises(ValueError, match=r'the model has no splice_sites head. Fix: pass splice_site_positions'):
     jax.eval_shape(junctions_only.apply, v, dna)
   with pytest.raises(ValueError, match=r'`heads\[.x.\]\["modality"\]` is .atak.'):
     AlphaGenome(C, heads={'x': {'modality': 'atak', 'num_tracks': 2}})

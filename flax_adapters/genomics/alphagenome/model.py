@@ -90,18 +90,19 @@ class Heads(nn.Module):
       if self.specs[name]['modality'] != 'splice_junctions':
         continue
       positions = splice_positions
-      if positions is None and 'splice_sites' not in out and self.is_initializing():
-        positions = -jnp.ones((embeddings[1].shape[0], 4, self.config.splice_top_k), jnp.int32)  # to create params
       if positions is None:
-        if 'splice_sites' not in out:
+        sites = out.get('splice_sites')
+        if sites is None and 'splice_sites' in self.specs:  # as the port: run it for the sites, return it only if asked
+          sites = SpliceSitesHead(self.specs['splice_sites'], name='splice_sites', **kw)(embeddings[1], organism_index)
+        if sites is not None:
+          positions = splice_site_positions(sites['probs'], self.config.splice_top_k, self.config.splice_threshold)
+        elif self.is_initializing():  # placeholder sites, to create the head's params
+          positions = -jnp.ones((embeddings[1].shape[0], 4, self.config.splice_top_k), jnp.int32)
+        else:
           raise ValueError(
-            'the splice_junctions head pairs the sites that the splice_sites head finds, but splice_sites is not '
-            'run (removed, or left out of `output_heads`). Fix: pass splice_site_positions=(batch, 4, k) '
-            'positions, or keep and run the splice_sites head.'
+            'the splice_junctions head pairs the sites that the splice_sites head finds, but the model has no '
+            'splice_sites head. Fix: pass splice_site_positions=(batch, 4, k) positions, or keep the splice_sites head.'
           )
-        positions = splice_site_positions(
-          out['splice_sites']['probs'], self.config.splice_top_k, self.config.splice_threshold
-        )
       out[name] = SpliceJunctionsHead(self.specs[name], self.config, name=name, **kw)(
         embeddings[1], organism_index, positions
       )

@@ -17,7 +17,7 @@ Examples:
   >>> variables = random_variables(model)  # as model.init(key, dna) gives, drawn faster
   >>> sorted(variables)
   ['buffers', 'params']
-  >>> out = model.apply(variables, dna, jnp.array([1]))
+  >>> out = jax.jit(model.apply)(variables, dna, jnp.array([1]))  # one compile (eager works too)
   >>> out['atac'][1].shape, out['atac'][128].shape, out['contact_maps'].shape
   ((1, 512, 3), (1, 4, 3), (1, 1, 1, 3))
   >>> out['splice_junctions']['pred_counts'].shape  # top 16 donors x 16 acceptors x (3 tissues x 2 strands)
@@ -311,7 +311,7 @@ def random_variables(model: AlphaGenome, seed: int = 0, *, calibrate: bool = Tru
   random DNA (`calibrate_norms`), as in a trained model; otherwise they are drawn from [0.5, 2].
 
   Examples:
-    >>> v = random_variables(AlphaGenome(AlphaGenomeConfig.tiny()))
+    >>> v = random_variables(AlphaGenome(AlphaGenomeConfig.tiny()), calibrate=False)
     >>> v['buffers']['heads']['atac']['track_means'].shape
     (2, 3)
   """

@@ -485,20 +485,29 @@ def _adapted_key(key: str, wrapped: set[str], blocks: set[str]) -> str:
   return _in_blocks(key, blocks)
 
 
-def port_adapter_state_dict(adapted, params, buffers) -> dict:
-  """The state dict of the port's model after its `prepare_for_transfer`, from ours: base, heads and adapters.
+def port_adapter_state_dict(adapted, params, buffers, *, include_trunk: bool = True) -> dict:
+  """The state dict of the port's model after its `prepare_for_transfer`, from ours: trunk, heads and adapters.
 
   `adapted` is the `AdaptedModel` from `fa.prepare_for_transfer` on an `AlphaGenome`; the result
   loads with `load_state_dict(strict=True)` into the port's model prepared with the same config.
+  With `include_trunk=False` only the heads and the adapters are written (what trained, in the
+  port's names): load them with `strict=False` onto the port model prepared from the base weights.
   """
   rows, wrapped, blocks = _adapter_rows(adapted)
   adapter_paths = {p for _, p, _ in rows}
   flat = traverse_util.flatten_dict(params)
-  base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in adapter_paths})
-  out = {
-    _adapted_key(k, wrapped, blocks): v
-    for k, v in port_state_dict({'params': base, 'buffers': buffers}, adapted.base.config, adapted.base.heads).items()
-  }
+  out = {}
+  if include_trunk:
+    base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if k not in adapter_paths})
+    config, heads = adapted.base.config, adapted.base.heads
+    for k, v in port_state_dict({'params': base, 'buffers': buffers}, config, heads).items():
+      out[_adapted_key(k, wrapped, blocks)] = v
+  else:
+    buffer_tree = traverse_util.flatten_dict({'buffers': buffers})
+    for row in key_table(adapted.base.config, adapted.base.heads):
+      if row.path[0] == 'heads':
+        leaf = flat[row.path] if row.collection == 'params' else buffer_tree[('buffers', *row.path)]
+        out[row.torch_key] = to_torch(to_numpy(leaf, key=row.name), row.layout)
   for key, path, layout in rows:
     out[key] = to_torch(to_numpy(flat[path], key='/'.join(path)), layout)
   return out

@@ -154,6 +154,13 @@ def test_adapters_in_the_ports_layout_round_trip(tiny):
     assert key in sd, key
   assert 'heads.atac.convs.1.weight' not in sd
   assert sd['tower.blocks.0.mha.block.q_proj.lora_A.weight'].shape == (8, C.trunk_width)  # torch (r, in)
+  partial = ca.port_adapter_state_dict(adapted, params, buffers, include_trunk=False)  # what trained, port names
+  heads = ('heads.', *ca.SPECIAL_HEAD_PREFIX.values())
+  assert {k for k in partial if not k.startswith(heads)} == {
+    k for k in sd if re.search(r'lora_|locon_|\.adapter\.|_proj\.scale$|fc2\.scale$', k)
+  }
+  assert {k for k in partial if k.startswith(heads)} == {k for k in sd if k.startswith(heads)}
+  assert all(np.array_equal(v, sd[k]) for k, v in partial.items())
   back, _ = ca.adapted_params_from_port(sd, adapted, params)
   for k, v in flat(params).items():
     np.testing.assert_array_equal(flat(back)[k], v)

@@ -44,6 +44,7 @@ from conversion.state_dict import load_state_dict, save_safetensors, to_numpy
 from flax_adapters import paths as paths_lib
 from flax_adapters.genomics.alphagenome import AlphaGenome, AlphaGenomeConfig
 from flax_adapters.genomics.alphagenome.config import TRACK_MODALITIES
+from flax_adapters.methods import IA3, IA3FF, Houlsby, Locon, LoRA
 
 PORT = "genomicsxai's alphagenome-pytorch (0.3.x)"
 LAYOUTS = ('identity', 'linear', 'conv', 'scale', 'organism')
@@ -416,6 +417,22 @@ def _torch_module(path: tuple[str, ...], table_modules: set[str]) -> str:
   return name
 
 
+# Each method's leaves in the port's adapter wrappers: (port suffix, our leaf, layout). The port
+# names them per wrapper class; a Houlsby adapter on a layer sits under the wrapper's `.adapter`.
+_PORT_LEAVES = {
+  LoRA: (('lora_A.weight', 'lora_a', 'linear'), ('lora_B.weight', 'lora_b', 'linear')),
+  Locon: (('locon_down.weight', 'locon_down', 'conv'), ('locon_up.weight', 'locon_up', 'conv')),
+  IA3: (('scale', 'ia3_scale', 'identity'),),
+  IA3FF: (('scale', 'ia3_ff_scale', 'identity'),),
+  Houlsby: (
+    ('down_project.weight', 'houlsby_down', 'linear'),
+    ('down_project.bias', 'houlsby_down_bias', 'identity'),
+    ('up_project.weight', 'houlsby_up', 'linear'),
+    ('up_project.bias', 'houlsby_up_bias', 'identity'),
+  ),
+}
+
+
 def _adapter_rows(adapted) -> tuple[list[tuple[str, tuple[str, ...], str]], set[str], set[str]]:
   """`(torch key, flax path, layout)` of every adapter leaf, and the wrapped layers and blocks."""
   table_modules = {r.torch_key.rsplit('.', 1)[0] for r in key_table(adapted.base.config, adapted.base.heads)}
@@ -423,7 +440,7 @@ def _adapter_rows(adapted) -> tuple[list[tuple[str, tuple[str, ...], str]], set[
   for entry in adapted.plan:
     names = [m.name for m in entry.methods]
     module = _torch_module(entry.site.path, table_modules)
-    houlsby_block = any(m.name == 'houlsby' and m.placement == 'block' for m in entry.methods)
+    houlsby_block = any(isinstance(m, Houlsby) and m.placement == 'block' for m in entry.methods)
     if houlsby_block:
       if len(names) > 1:
         raise ValueError(f'{module}: the port wraps a block in one Houlsby adapter only, found {names}.')
@@ -438,31 +455,14 @@ def _adapter_rows(adapted) -> tuple[list[tuple[str, tuple[str, ...], str]], set[
       wrapped.add(module)
       prefix = module
     f = entry.site.path
-    for name in names:
-      if name == 'lora':
-        rows += [
-          (f'{prefix}.lora_A.weight', (*f, 'lora_a'), 'linear'),
-          (f'{prefix}.lora_B.weight', (*f, 'lora_b'), 'linear'),
-        ]
-      elif name == 'locon':
-        rows += [
-          (f'{prefix}.locon_down.weight', (*f, 'locon_down'), 'conv'),
-          (f'{prefix}.locon_up.weight', (*f, 'locon_up'), 'conv'),
-        ]
-      elif name == 'ia3':
-        rows.append((f'{prefix}.scale', (*f, 'ia3_scale'), 'identity'))
-      elif name == 'ia3_ff':
-        rows.append((f'{prefix}.scale', (*f, 'ia3_ff_scale'), 'identity'))
-      elif name == 'houlsby':
-        p = prefix if houlsby_block else f'{prefix}.adapter'
-        rows += [
-          (f'{p}.down_project.weight', (*f, 'houlsby_down'), 'linear'),
-          (f'{p}.down_project.bias', (*f, 'houlsby_down_bias'), 'identity'),
-          (f'{p}.up_project.weight', (*f, 'houlsby_up'), 'linear'),
-          (f'{p}.up_project.bias', (*f, 'houlsby_up_bias'), 'identity'),
-        ]
-      else:
-        raise ValueError(f'{module}: the port has no {name!r} adapter.')
+    for method in entry.methods:
+      leaves = _PORT_LEAVES.get(type(method))
+      if leaves is None:
+        raise ValueError(
+          f'{module}: the port has no {method.name!r} adapter (it has {sorted(c.name for c in _PORT_LEAVES)}).'
+        )
+      p = f'{prefix}.adapter' if isinstance(method, Houlsby) and not houlsby_block else prefix
+      rows += [(f'{p}.{suffix}', (*f, leaf), layout) for suffix, leaf, layout in leaves]
   # Adapters inside a Houlsby-wrapped block sit under its `.block` too (its own adapter does not).
   rows = [
     (k if any(k.startswith(f'{b}.adapter.') for b in blocks) else _in_blocks(k, blocks), p, l) for k, p, l in rows

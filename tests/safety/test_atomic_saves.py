@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import time
 
 import jax
 import numpy as np
@@ -73,8 +74,15 @@ def test_a_killed_overwrite_always_leaves_the_old_or_the_new_checkpoint(ctx, tre
   steps = [(s, ex) for ex in (True, False) for s in save_worker.STAGES if ex is False or s != 'aside']
   expected = {'locked': 0, 'during': 0, 'written': 0, 'synced': 0, 'aside': 1, 'swapped': 1}
   rng = random.Random(0)
+  # Random kills land inside the save: their times are drawn within the duration of a whole save
+  # (fork, unpickle, write, swap) on this machine, measured here and updated by each save that finishes.
+  began = time.monotonic()
+  proc = _run(ctx, jobs[1], path, True, None, True)
+  proc.join(60)
+  assert proc.exitcode == save_worker.SAVED
+  duration = time.monotonic() - began
   kills = attempts = 0
-  while kills < KILLS and attempts < 3 * KILLS:
+  while kills < KILLS and attempts < 6 * KILLS:
     current = _which(path, adapted, p, versions)
     new = 1 - current
     if attempts < len(steps):
@@ -85,11 +93,14 @@ def test_a_killed_overwrite_always_leaves_the_old_or_the_new_checkpoint(ctx, tre
       survivor = _which(path, adapted, p, versions)  # loads: finishes a swap killed between renames
       assert survivor == (new if expected[stage] else current), (stage, exchange)
     else:  # a kill at a random moment of the save
+      began = time.monotonic()
       proc = _run(ctx, jobs[new], path, True, None, rng.random() < 0.5)
-      proc.join(rng.uniform(0.0, 0.4))
+      proc.join(rng.uniform(0.1, 0.9) * duration)
       if proc.exitcode is None:
         proc.kill()
       proc.join(60)
+      if proc.exitcode == save_worker.SAVED:  # it finished first: kill earlier next time
+        duration = min(duration, time.monotonic() - began)
       assert proc.exitcode in (-9, save_worker.SAVED)
       assert _which(path, adapted, p, versions) in (current, new)
     kills += proc.exitcode == -9

@@ -1,6 +1,6 @@
 """The flax_adapters demo: a transfer study of every adapter mode on a genomics model.
 
-    python -m flax_adapters.genomics.demo                # the default study (under 5 minutes on 2 CPU cores)
+    python -m flax_adapters.genomics.demo                # the default study (about 4 minutes on 2 CPU cores)
     python -m flax_adapters.genomics.demo --study full   # every mode, wider grid, more seeds (about an hour)
     python -m flax_adapters.genomics.demo --help         # options
 
@@ -10,10 +10,11 @@
 2. Transfer it to a new assay (`my_atac`) with a new head, once per mode, with train / validation /
    test splits: a learning-rate grid per mode chosen on validation, then the chosen rate rerun with
    several seeds and scored on test (`flax_adapters.genomics.study` has the design).
-3. Find out why the modes differ: a probe of which motifs each layer of the trunk encodes, and a Locon
-   ablation (placement against rank).
+3. Find out why the modes differ: a probe of which motifs each layer of the trunk encodes, and (with
+   `--study full`) an ablation that changes one thing at a time (Locon's placement, its rank and scale,
+   LoRA's capacity, fine-tuning only the conv tower or only the transformer).
 4. Print the tables and write `results.json` and `transfer.png` (test r with error bars against trainable
-   params, the grids, the ablation, the probe).
+   params, the grids, validation r along training, the probe).
 
 Everything is deterministic for a given `--seed`.
 """

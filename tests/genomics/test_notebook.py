@@ -20,8 +20,12 @@ def test_genomics_transfer_notebook_runs(monkeypatch):
   errors = [o for cell in nb.cells for o in cell.get('outputs', []) if o.get('output_type') == 'error']
   assert not errors
   outputs = '\n'.join(o.get('text', '') for cell in nb.cells if cell.cell_type == 'code' for o in cell.outputs)
-  for mode in ('linear', 'lora', 'locon', 'ia3', 'houlsby', 'lora+locon'):
+  for mode in ('linear', 'lora', 'locon', 'locon-early', 'full'):
     assert f'\n{mode} ' in outputs
+  assert 'test r (mean ± sd, n=2)' in outputs  # the study's design: seeds scored on test
+  assert 'after locon-early' in outputs and '\ngata   stem' in outputs  # the probe table
   assert 'LoRA alone merges completely: True' in outputs
   assert 'restored outputs identical: True' in outputs
-  assert "('encoder.down_blocks.5.conv1', 'locon')" in outputs  # Locon on standardized convs stays
+  # Locon on the weight-standardized block convs stays; on the plain stem conv it folds.
+  assert "('encoder.down_blocks.0.conv1', 'locon')" in outputs
+  assert "('encoder.stem', 'locon')" not in outputs

@@ -10,6 +10,8 @@ SIZES = {
 }
 
 LORA = dict(rank=8, alpha=16, targets=['c_attn'])
+# The matmul each worker times between rounds (n x n x n): its framework's peak in that round.
+MATMUL_N = {'cpu': 2048, 'gpu': 8192}
 # torch.optim.AdamW's defaults, written out for both sides.
 ADAMW = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -33,7 +35,8 @@ def worker_args(argv=None):
   import argparse
 
   parser = argparse.ArgumentParser()
-  parser.add_argument('--mode', choices=('lora', 'full'), required=True)
+  # 'overhead' (jax side only): flax_adapters' LoRA and a hand-written one on the same model.
+  parser.add_argument('--mode', choices=('lora', 'full', 'overhead'), required=True)
   parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
   parser.add_argument('--weights', required=True)
   parser.add_argument('--gpu', action='store_true')

@@ -96,8 +96,8 @@ def causal_attention(qkv: jax.Array, mask: jax.Array | None, scale: float) -> ja
     >>> causal_attention(jnp.ones((1, 3, 3, 2, 4)), None, 0.5).shape
     (1, 3, 2, 4)
   """
-  qkv_t = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, N, T, H]
-  q, k, v = qkv_t[0], qkv_t[1], qkv_t[2]
+  # [3, B, N, T, H]; split (not indexed), so that the gradient is one concatenation, not three pads.
+  q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3))
   dtype = at_least_f32(qkv.dtype)
   logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=dtype) * scale
   t = logits.shape[-1]
@@ -158,6 +158,30 @@ class GPT2MLP(nn.Module):
     return nn.Dropout(cfg.resid_pdrop)(x, deterministic=deterministic)
 
 
+@jax.custom_jvp
+def _store_residual_grad(x):
+  """The identity; on XLA:CPU its tangent, so also the residual stream's gradient, is stored once
+  per block (see `_store_residual_grad_jvp`)."""
+  return x
+
+
+@_store_residual_grad.defjvp
+def _store_residual_grad_jvp(primals, tangents):
+  # The residual stream's gradient is a chain of cheap adds through every block. XLA:CPU fuses that
+  # chain into each consumer, so block k's fusions recompute the adds of all blocks above it
+  # (quadratic in depth). A conditional is a fusion boundary: routing the tangent through one (both
+  # branches the identity, the predicate a never-true test on the primal, so it is not folded away)
+  # makes XLA store the gradient once per block, since the transpose of a linear cond is a cond.
+  # A custom_jvp rule, so forward mode works too; `GPT2Block` uses it on CPU only.
+  (x,), (t,) = primals, tangents
+  never = jnp.isnan(x.reshape(-1)[0])
+  return x, jax.lax.cond(never, lambda v: v * 1.0, lambda v: v, t)
+
+
+def _residual(x):
+  return _store_residual_grad(x) if jax.default_backend() == 'cpu' else x
+
+
 class GPT2Block(nn.Module):
   config: GPT2Config
   layer_idx: int
@@ -168,7 +192,9 @@ class GPT2Block(nn.Module):
   def __call__(self, x, mask, deterministic: bool):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, name=name, **kw)
+    x = _residual(x)
     x = x + GPT2Attention(cfg, self.layer_idx, name='attn', **kw)(norm('ln_1')(x), mask, deterministic)
+    x = _residual(x)
     return x + GPT2MLP(cfg, name='mlp', **kw)(norm('ln_2')(x), deterministic)
 
 

@@ -4,7 +4,8 @@
 
 In one process per (mode, malloc setting), every configuration below is compiled, and their steps are
 interleaved in rounds (k steps of each configuration per round, alternating the order); each
-configuration's median is reported with its median per-round ratio to `all` (every change on).
+configuration's median is reported with its median per-round ratio to `all` (every change on), in
+wall time and in this process's CPU time (which a busy machine distorts less).
 Every change is plain JAX or a `jax.custom_jvp` rule, so none costs forward-mode autodiff.
 
 Model changes (`flax_adapters/models/`):
@@ -14,7 +15,14 @@ Model changes (`flax_adapters/models/`):
 - `-token_dot`: `nn.Dense`'s own `lax.dot_general` instead of `layers.token_dot_general` (the
   tokens flattened into one GEMM axis, so the kernel gradient is one xᵀ·g GEMM).
 - `-attention`: `jax.nn.dot_product_attention` (what GPT-2 runs on GPU) instead of the plain
-  heads-major causal attention on the fused qkv that it runs on CPU.
+  heads-major causal attention on the split fused qkv that it runs on CPU.
+- `-grad_store`: no per-block store of the residual stream's gradient (a custom_jvp identity whose
+  tangent goes through a conditional, a fusion boundary; CPU only).
+
+Core (`flax_adapters/methods/lora.py`):
+
+- `-lora_flat`: LoRA's `scale·(x·A)·B` as einsums over the token axes instead of 2-D GEMMs over
+  the flattened tokens (whose B gradient is one `(x·A)ᵀ·g` GEMM).
 
 Training-step and compiler choices:
 
@@ -27,9 +35,6 @@ Training-step and compiler choices:
   (YNNPACK also for elementwise and reductions). oneDNN dot fusions
   (`--xla_cpu_use_onednn --xla_cpu_experimental_onednn_fusion_type=...DOT`) abort this step's
   compilation ("partition compile failed") in jax 0.10.2, so they are not in the list.
-- `+lora_vjp` (LoRA only; not adopted): a custom VJP for LoRA's `scale·(x·A)·B` that orders B's
-  gradient GEMM for XLA:CPU. It would cost users forward-mode autodiff through every adapted layer.
-
 Each is run under the malloc settings named by `--malloc` (default: retain), in separate
 processes, since glibc reads them at start-up.
 """
@@ -48,7 +53,7 @@ import time
 from benchmarks import common
 from benchmarks.run import HERE, MALLOC, ROOT, say
 
-CHANGES = ('fused_loss', 'token_dot', 'attention', 'partition')
+CHANGES = ('fused_loss', 'token_dot', 'attention', 'grad_store', 'lora_flat', 'partition')
 _DOT = 'LIBRARY_FUSION_TYPE_DOT'
 XLA_OPTIONS = {
   'no_ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
@@ -59,47 +64,20 @@ XLA_OPTIONS = {
   },
   'ynn_all': {'xla_cpu_experimental_ynn_fusion_type': f'{_DOT},LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'},
 }
-CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive'] + [f'xla:{x}' for x in XLA_OPTIONS] + ['+lora_vjp']
+CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive'] + [f'xla:{x}' for x in XLA_OPTIONS]
 
 
-def _lora_custom_vjp():
-  """LoRA's factored product with a hand-written VJP (B's gradient as `(x·A)ᵀ·g`, rank axis first)."""
-  import functools
-
-  import jax
+def _lora_einsums(specs, scale, x, a, b):
+  """LoRA's product as plain einsums over the token axes (what `-lora_flat` runs)."""
   import jax.numpy as jnp
 
-  def forward(specs, scale, x, a, b):
-    xs, as_, ts, bs, ys = specs
-    t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
-    return jnp.einsum(f'{ts},{bs}->{ys}', t, b), t
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-  def factored(specs, scale, x, a, b):
-    return forward(specs, scale, x, a, b)[0]
-
-  def fwd(specs, scale, x, a, b):
-    y, t = forward(specs, scale, x, a, b)
-    return y, (x, a, b, t)
-
-  def bwd(specs, scale, residuals, g):
-    xs, as_, ts, bs, ys = specs
-    x, a, b, t = residuals
-    db = jnp.einsum(f'{ts},{ys}->{bs}', t, g)
-    gt = jnp.einsum(f'{ys},{bs}->{ts}', g, b) * jnp.asarray(scale, g.dtype)
-    return (
-      jnp.einsum(f'{ts},{as_}->{xs}', gt, a).astype(x.dtype),
-      jnp.einsum(f'{ts},{xs}->{as_}', gt, x).astype(a.dtype),
-      db.astype(b.dtype),
-    )
-
-  factored.defvjp(fwd, bwd)
-  return factored
+  xs, as_, ts, bs, ys = specs
+  t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
+  return jnp.einsum(f'{ts},{bs}->{ys}', t, b)
 
 
-def _patched(off: set, on: frozenset = frozenset()):
-  """Context manager that undoes the changes in `off` and makes those in `on` (module globals are
-  read at trace time)."""
+def _patched(off: set):
+  """Context manager that undoes the changes in `off` (module globals are read at trace time)."""
   import contextlib
 
   import flax.linen as nn
@@ -109,7 +87,7 @@ def _patched(off: set, on: frozenset = frozenset()):
 
   @contextlib.contextmanager
   def ctx():
-    saved = dict(dense=gpt2._dense, att=gpt2.causal_attention, fac=lora._factored)
+    saved = dict(dense=gpt2._dense, att=gpt2.causal_attention, res=gpt2._residual, fac=lora._factored)
     try:
       if 'token_dot' in off:
         gpt2._dense = lambda features, name, dtype, param_dtype: nn.Dense(
@@ -122,12 +100,14 @@ def _patched(off: set, on: frozenset = frozenset()):
           return layers.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True)
 
         gpt2.causal_attention = attention
-      if 'lora_vjp' in on:
-        lora._factored = _lora_custom_vjp()
+      if 'grad_store' in off:
+        gpt2._residual = lambda x: x
+      if 'lora_flat' in off:
+        lora._factored = _lora_einsums
       yield
     finally:
       lora._factored = saved['fac']
-      gpt2._dense, gpt2.causal_attention = saved['dense'], saved['att']
+      gpt2._dense, gpt2.causal_attention, gpt2._residual = saved['dense'], saved['att'], saved['res']
 
   return ctx()
 
@@ -153,7 +133,6 @@ def worker(args):
   configs = {}
   for name in args.configs:
     off = set(CHANGES) if name == 'naive' else ({name[1:]} if name.startswith('-') else set())
-    on = frozenset({name[1:]}) if name.startswith('+') else frozenset()
     options = XLA_OPTIONS[name[4:]] if name.startswith('xla:') else {}
     if 'fused_loss' in off:
 
@@ -162,7 +141,7 @@ def worker(args):
         return layers.cross_entropy(logits[:, :-1], x[:, 1:])
     else:
       loss_fn = lambda p, x: model_a.apply({'params': p}, x, method='loss')
-    with _patched(off, on):
+    with _patched(off):
       t0 = time.perf_counter()
       if 'partition' in off:
         opt = fa.transfer_optimizer(tx, mask)
@@ -186,6 +165,7 @@ def worker(args):
 
   def run(name):
     kind, compiled, _, _ = configs[name]
+    c = time.process_time()
     t = time.perf_counter()
     if kind == 'split':
       st = state['split']
@@ -194,12 +174,13 @@ def worker(args):
       st = state['whole']
       st[0], st[1], loss = compiled(st[0], st[1], ids)
     jax.block_until_ready((st, loss))
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
   for name in configs:  # warm-up
     run(name)
     run(name)
   times = {n: [] for n in configs}
+  cpu = {n: [] for n in configs}
   loads = {n: [] for n in configs}
   order = list(configs)
   for r in range(args.rounds):
@@ -207,9 +188,12 @@ def worker(args):
     for name in order if r % 2 == 0 else order[::-1]:
       for _ in range(args.steps):
         meter = common.LoadMeter()
-        times[name].append(run(name))
+        wall, cpu_s = run(name)
+        times[name].append(wall)
+        cpu[name].append(cpu_s)
         loads[name].append(meter.others())
-  print(json.dumps({'times': times, 'loads': loads, 'compile_s': {n: c[3] for n, c in configs.items()}}))
+  compile_s = {n: c[3] for n, c in configs.items()}
+  print(json.dumps({'times': times, 'cpu_s': cpu, 'loads': loads, 'compile_s': compile_s}))
 
 
 def round_ratios(times: dict, steps: int, base: str = 'all') -> dict:
@@ -260,7 +244,7 @@ def main(argv=None):
     for malloc in args.malloc.split(','):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
-        configs = [c for c in chosen if mode == 'lora' or c != '+lora_vjp']
+        configs = [c for c in chosen if mode == 'lora' or c != '-lora_flat']
         if 'all' not in configs:
           configs.insert(0, 'all')
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')
@@ -291,12 +275,22 @@ def main(argv=None):
         got = json.loads(out.stdout.strip().splitlines()[-1])
         med = {n: statistics.median(v) for n, v in got['times'].items()}
         ratios = round_ratios(got['times'], args.steps)
+        cpu_ratios = round_ratios(got['cpu_s'], args.steps)
         load = {n: statistics.median(v) for n, v in got['loads'].items()}
-        result['runs'].append({'mode': mode, 'malloc': malloc, 'median_s': med, 'ratio_to_all': ratios, **got})
+        result['runs'].append(
+          {
+            'mode': mode,
+            'malloc': malloc,
+            'median_s': med,
+            'ratio_to_all': ratios,
+            'cpu_ratio_to_all': cpu_ratios,
+            **got,
+          }
+        )
         for n, v in med.items():
           print(
-            f'{mode:5s} malloc={malloc:7s} {n:14s} {v:7.3f} s  x{ratios[n]:.3f} of all (median of per-round ratios; '
-            f'others took {load[n]:.2f} of the CPU)',
+            f'{mode:5s} malloc={malloc:7s} {n:13s} {v:6.3f} s  x{ratios[n]:.3f} of all; CPU time x{cpu_ratios[n]:.3f} '
+            f'(medians of per-round ratios; others took {load[n]:.2f} of the CPU)',
             flush=True,
           )
   out = os.path.join(HERE, 'results', f'ablation-{args.size}-{result["date"].replace(":", "")}.json')

@@ -8,6 +8,7 @@ the layout of an `nn.Dense` kernel, and `c_attn` stays one fused Dense of `3 * n
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -88,9 +89,9 @@ def _dense(features: int, name: str, dtype, param_dtype) -> nn.Dense:
 def causal_attention(qkv: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
   """Causal softmax attention on GPT-2's fused `[B, T, 3, N, H]` projections -> `[B, T, N, H]`.
 
-  Plain JAX, heads-major inside: one transpose of the fused q/k/v, batched GEMMs with no further
-  copies, softmax in float32 (float64 for float64 inputs). (On GPU, `GPT2Attention` calls
-  `jax.nn.dot_product_attention`.)
+  Heads-major inside: one transpose of the fused q/k/v, batched GEMMs with no further copies,
+  softmax in float32 (float64 for float64 inputs), derivatives from `_attention`'s custom_jvp rule.
+  (On GPU, `GPT2Attention` calls `jax.nn.dot_product_attention` instead.)
 
   Examples:
     >>> causal_attention(jnp.ones((1, 3, 3, 2, 4)), None, 0.5).shape
@@ -98,16 +99,44 @@ def causal_attention(qkv: jax.Array, mask: jax.Array | None, scale: float) -> ja
   """
   # [3, B, N, T, H]; split (not indexed), so that the gradient is one concatenation, not three pads.
   q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3))
-  dtype = at_least_f32(qkv.dtype)
-  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=dtype) * scale
-  t = logits.shape[-1]
+  t = qkv.shape[1]
   allowed = jnp.tril(jnp.ones((t, t), bool))
   if mask is not None:
     allowed = allowed & mask  # [B, 1, 1|T, T]
-  logits = jnp.where(allowed, logits, jnp.finfo(dtype).min)
-  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.transpose(_attention(q, k, v, allowed, scale), (0, 2, 1, 3))
+
+
+def _attention_probs(q, k, allowed, scale):
+  dtype = at_least_f32(q.dtype)
+  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=dtype) * scale
+  return jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(dtype).min), axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _attention(q, k, v, allowed, scale):
+  """`softmax(q·kᵀ·scale, where allowed)·v` on heads-major `[B, N, T, H]` arrays."""
+  return jnp.einsum('bnts,bnsh->bnth', _attention_probs(q, k, allowed, scale).astype(v.dtype), v)
+
+
+@_attention.defjvp
+def _attention_jvp(scale, primals, tangents):
+  # The softmax's tangent is P∘(dS - rowsum(P∘dS)); through the values its rowsum term is
+  # rowsum(P∘dS)·(P·v) = rowsum(P∘dS)·out. Written with `out`, the tangent's transpose (reverse
+  # mode) takes that rowsum as rowsum(d_out∘out), over the head dimension, instead of over the keys,
+  # and keeps only q, k, v, P and out for the backward pass. Plain JAX in the primals, so forward
+  # mode and higher derivatives work.
+  q, k, v, allowed = primals
+  tq, tk, tv, _ = tangents
+  probs = _attention_probs(q, k, allowed, scale)
   out = jnp.einsum('bnts,bnsh->bnth', probs.astype(v.dtype), v)
-  return jnp.transpose(out, (0, 2, 1, 3))
+  dtype = probs.dtype
+  t_logits = jnp.einsum('bnth,bnsh->bnts', tq, k, preferred_element_type=dtype)
+  t_logits += jnp.einsum('bnth,bnsh->bnts', q, tk, preferred_element_type=dtype)
+  pt = probs * jnp.where(allowed, t_logits * scale, 0)
+  t_out = jnp.einsum('bnts,bnsh->bnth', pt.astype(v.dtype), v)
+  t_out -= jnp.sum(pt, axis=-1, keepdims=True).astype(v.dtype) * out
+  t_out += jnp.einsum('bnts,bnsh->bnth', probs.astype(tv.dtype), tv)
+  return out, t_out
 
 
 class GPT2Attention(nn.Module):

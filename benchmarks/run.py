@@ -71,15 +71,17 @@ TARGETS = {
 # None is recommended: see README.md ("XLA:CPU options") for the A/B of the ones that were tried.
 RECOMMENDED_XLA_FLAGS = ''
 
-# --gpu: one prepared run that finishes within five minutes on an H100/H200 (no RSS run: the device
-# peak is recorded during the timed steps), so that a session lent a GPU measures it at once.
-GPU_DEFAULTS = dict(rounds=8, steps_per_round=10, deadline=270.0, skip='memory')
+# --gpu: one prepared run that finishes within five minutes on an H100/H200, so that a session lent
+# a GPU measures it at once: the workers set up in parallel, no RSS run (the device peak is recorded
+# during the timed steps), no fresh-process peak (each worker times an 8192³ bf16 matmul per round),
+# and no new round starts after `deadline` seconds.
+GPU_DEFAULTS = dict(rounds=8, steps_per_round=10, deadline=240.0, skip='memory,peak', max_wait=2.0)
 
 
 class Worker:
   """A side in its own process, driven by one JSON line per command."""
 
-  def __init__(self, name, module, args, env=None, mode=None):
+  def __init__(self, name, module, args, env=None, mode=None, extra=()):
     self.name = name
     self.log = open(os.path.join(args.tmp, f'{name}.log'), 'w')
     cmd = (
@@ -96,6 +98,7 @@ class Worker:
       ]
       + (['--gpu'] if args.gpu else [])
       + (['--bf16'] if args.bf16 else [])
+      + list(extra)
     )
     self.proc = subprocess.Popen(
       cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env
@@ -186,8 +189,8 @@ SIDES = {
   'torch_lora': ('torch_lora', None),
   'jax_full': ('jax_full', None),
   'torch_full': ('torch_full', None),
-  'lib_lora': ('jax_overhead', 'library'),
-  'hand_lora': ('jax_overhead', 'handwritten'),
+  'lib_lora': ('jax_lora', 'library'),
+  'hand_lora': ('jax_lora', 'handwritten'),
 }
 
 
@@ -205,10 +208,13 @@ def parse_args(argv):
   p.add_argument('--rounds', type=int, default=None, help='interleaved rounds (default 6; 3 quick; 8 gpu)')
   p.add_argument('--steps-per-round', type=int, default=None, help='steps per side per round (default 2; 10 gpu)')
   p.add_argument(
-    '--max-wait', type=float, default=20.0, help='seconds to wait for a quiet machine before each block of steps'
+    '--max-wait',
+    type=float,
+    default=None,
+    help='seconds to wait for a quiet machine before each block of steps (default 20; gpu 2)',
   )
   p.add_argument(
-    '--deadline', type=float, default=None, help='stop starting rounds after this many seconds (default: none; gpu 270)'
+    '--deadline', type=float, default=None, help='start no round after this many seconds (default: none; gpu 240)'
   )
   p.add_argument(
     '--malloc',
@@ -222,14 +228,20 @@ def parse_args(argv):
     default='thp',
     help='glibc malloc settings for the memory run, each side alone (default: thp)',
   )
+  p.add_argument(
+    '--parallel-setup',
+    action='store_true',
+    help='set the workers up at once (default with --gpu; a CPU smoke test of it)',
+  )
   p.add_argument('--skip', default=None, help='comma list of parts to skip: peak,full,overhead,merge,memory')
   p.add_argument('--out', default=None, help='JSON path (default benchmarks/results/<size>-<device>-<time>.json)')
   p.add_argument('--readme', action='store_true', help='write the table into benchmarks/README.md and README.md')
   args = p.parse_args(argv)
   args.size = 'quick' if args.quick else 'gpt2'
   args.bf16 = args.bf16 or args.gpu
+  args.parallel_setup = args.parallel_setup or args.gpu
   defaults = (
-    GPU_DEFAULTS if args.gpu else dict(rounds=3 if args.quick else 6, steps_per_round=2, deadline=None, skip='')
+    GPU_DEFAULTS if args.gpu else dict(rounds=3 if args.quick else 6, steps_per_round=2, skip='', max_wait=20.0)
   )
   for key, value in defaults.items():
     if getattr(args, key) is None:
@@ -237,13 +249,17 @@ def parse_args(argv):
   return args
 
 
-def start_workers(names, args, env, jax_env, setup_in_parallel):
-  """Start the workers and run their setup (one after the other on CPU, so that each compiles alone)."""
+def start_workers(names, args, env, jax_env, setup_in_parallel, overhead):
+  """Start the workers and run their setup (one after the other on CPU, so that each compiles alone).
+  With `overhead`, the jax LoRA worker also builds the hand-written LoRA of the library-overhead pair."""
   workers, setups = {}, {}
   for n in names:
     say(f'[run] starting {n} ...')
     jax_side = n.startswith('jax')
-    workers[n] = Worker(n, 'jax_worker' if jax_side else 'torch_worker', args, jax_env if jax_side else env)
+    extra = ['--overhead'] if overhead and n == 'jax_lora' else []
+    workers[n] = Worker(
+      n, 'jax_worker' if jax_side else 'torch_worker', args, jax_env if jax_side else env, extra=extra
+    )
     if setup_in_parallel:
       workers[n].send('setup')
     else:
@@ -263,7 +279,7 @@ def start_workers(names, args, env, jax_env, setup_in_parallel):
 def timed_rounds(workers, pairs, args, t_start):
   rounds = []
   for r in range(args.rounds):
-    if args.deadline and time.perf_counter() - t_start > args.deadline:
+    if r and args.deadline and time.perf_counter() - t_start > args.deadline:
       say(f'[run] deadline ({args.deadline:.0f}s) reached after {r} rounds')
       break
     got = {}
@@ -364,11 +380,12 @@ def main(argv=None):
       names += ['jax_full', 'torch_full']
       pairs.append(('jax_full', 'torch_full'))
     if 'overhead' not in skip:
-      names.append('jax_overhead')
       pairs.append(('lib_lora', 'hand_lora'))
     workers = {}
     try:
-      workers, result['setup'] = start_workers(names, args, env, jax_env, setup_in_parallel=args.gpu)
+      workers, result['setup'] = start_workers(
+        names, args, env, jax_env, setup_in_parallel=args.parallel_setup, overhead='overhead' not in skip
+      )
       result['rounds'] = timed_rounds(workers, pairs, args, t_start)
       if 'merge' not in skip:
         say('[run] merge and inference ...')
@@ -380,7 +397,7 @@ def main(argv=None):
         w.close()
 
     if 'memory' not in skip:
-      result['memory'] = memory_run([n for n in names if n != 'jax_overhead'], args, env, jax_env)
+      result['memory'] = memory_run(names, args, env, jax_env)
 
   if args.gpu:
     result['gpu_name'] = result['setup']['torch_lora'].get('gpu_name') or ''

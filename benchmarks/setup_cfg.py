@@ -35,12 +35,13 @@ def worker_args(argv=None):
   import argparse
 
   parser = argparse.ArgumentParser()
-  # 'overhead' (jax side only): flax_adapters' LoRA and a hand-written one on the same model.
-  parser.add_argument('--mode', choices=('lora', 'full', 'overhead'), required=True)
+  parser.add_argument('--mode', choices=('lora', 'full'), required=True)
   parser.add_argument('--size', choices=tuple(SIZES), default='gpt2')
   parser.add_argument('--weights', required=True)
   parser.add_argument('--gpu', action='store_true')
   parser.add_argument('--bf16', action='store_true')
+  # jax side, LoRA: also a hand-written LoRA on the same model (the library-overhead pair).
+  parser.add_argument('--overhead', action='store_true')
   args = parser.parse_args(argv)
   args.bf16 = args.bf16 or args.gpu
   return args

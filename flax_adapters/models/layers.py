@@ -154,12 +154,13 @@ def _head_ce_chunks(h, embedding, labels, weights, *, grads: bool, want_de: bool
     m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
     e = jnp.exp(logits - m)
     s = jnp.sum(e, axis=-1, keepdims=True)
-    onehot = lc[:, None] == jax.lax.broadcasted_iota(lc.dtype, logits.shape, 1)
-    picked = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    # A gather: inside the rule this is never transposed (a masked sum would be a full pass).
+    picked = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
     nll = m[:, 0] + jnp.log(s[:, 0]) - picked
     if not grads:
       return nll, None, None
     # d loss / d logits = w · (softmax - onehot): known here, since the loss is the output.
+    onehot = lc[:, None] == jax.lax.broadcasted_iota(lc.dtype, logits.shape, 1)
     dlogits = ((e * (wc[:, None] / s)) - jnp.where(onehot, wc[:, None], 0.0)).astype(h.dtype)
     dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
     de = None

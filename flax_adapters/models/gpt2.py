@@ -156,7 +156,7 @@ class GPT2Attention(nn.Module):
       scale /= float(self.layer_idx + 1)
     dropout = not deterministic and cfg.attn_pdrop > 0
     if dropout or jax.default_backend() != 'cpu':
-      # jax.nn.dot_product_attention (fused kernels on GPU), or attention with dropout written out.
+      # jax.nn.dot_product_attention off CPU (the GPU's fusions), or attention with dropout written out.
       y = dot_product_attention(
         qkv[:, :, 0],
         qkv[:, :, 1],

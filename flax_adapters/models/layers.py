@@ -298,9 +298,10 @@ def dot_product_attention(
 
   `key`/`value` may have fewer heads than `query` (a divisor of it), as in grouped-query attention.
   Softmax runs in float32 (float64 for float64 inputs), as in HF's eager and SDPA paths. Without
-  dropout this is `jax.nn.dot_product_attention` (fused kernels where the backend has them, e.g.
-  cuDNN on GPU); with dropout on the probabilities (training), or in float64 (that function's
-  softmax is always float32), it is the same computation written out.
+  dropout this is `jax.nn.dot_product_attention` with the implementation JAX picks (XLA's, which
+  both autodiff modes go through; its cuDNN kernel would be reverse-mode only); with dropout on the
+  probabilities (training), or in float64 (that function's softmax is always float32), it is the
+  same computation written out.
 
   Args:
     query: `[B, T, N, H]`.

@@ -1,27 +1,41 @@
 """What each speed change buys: the flax_adapters GPT-2 step with one change at a time undone.
 
-    python -m benchmarks.ablation [--quick] [--mode lora|full|both] [--rounds 4]
+    python -m benchmarks.ablation [--quick] [--mode lora|full|both] [--rounds 6]
 
 In one process per (mode, malloc setting), every configuration below is compiled, and their steps are
 interleaved in rounds (k steps of each configuration per round, alternating the order); each
-configuration's median is reported with its ratio to `all` (every change on). Configurations:
+configuration's median is reported with its median per-round ratio to `all` (every change on), in
+wall time and in this process's CPU time (which a busy machine distorts less).
+Every change is plain JAX or a `jax.custom_jvp` rule, so none costs forward-mode autodiff.
 
-- `all`: what the benchmark runs.
+Model changes (`flax_adapters/models/`):
+
 - `-fused_loss`: the loss taken from `__call__`'s logits (sliced, then `layers.cross_entropy`)
-  instead of `GPT2LMHeadModel.loss`'s fused, chunked head + cross-entropy.
-- `-dense_vjp`: `nn.Dense`'s own autodiff instead of the custom VJP whose kernel gradient is one
-  `xᵀ·g` GEMM.
-- `-grad_store`: no per-block conditional on the residual stream's gradient.
-- `-attention`: `jax.nn.dot_product_attention` (via `layers.dot_product_attention`) instead of the
-  custom-VJP causal attention on the fused qkv.
+  instead of `GPT2LMHeadModel.loss`'s fused, chunked head + cross-entropy (a custom_jvp rule).
+- `-token_dot`: `nn.Dense`'s own `lax.dot_general` instead of `layers.token_dot_general` (the
+  tokens flattened into one GEMM axis, so the kernel gradient is one xᵀ·g GEMM).
+- `-attention`: `jax.nn.dot_product_attention` (what GPT-2 runs on GPU) instead of the plain
+  heads-major causal attention on the split fused qkv that it runs on CPU.
+- `-grad_store`: no per-block store of the residual stream's gradient (a custom_jvp identity whose
+  tangent goes through a conditional, a fusion boundary; CPU only).
+
+Core (`flax_adapters/methods/lora.py`):
+
+- `-lora_flat`: LoRA's `scale·(x·A)·B` as einsums over the token axes instead of 2-D GEMMs over
+  the flattened tokens (whose B gradient is one `(x·A)ᵀ·g` GEMM).
+
+Training-step and compiler choices:
+
 - `-partition`: the whole params tree differentiated, `transfer_optimizer` (multi_transform) on
   it, no buffer donation, instead of `make_train_step` on the partitioned trainable leaves.
-- `naive`: all of the above undone at once (a plain JAX LoRA step on our model).
-- `+lora_vjp` (LoRA only): a change the library does not make, measured for the record: a custom VJP
-  for LoRA's `scale·(x·A)·B` that orders B's gradient GEMM for XLA:CPU. It would cost users
-  forward-mode autodiff (`jax.jvp`, `jax.jacfwd`, `jax.hessian`) through every adapted layer.
-
-Each is run under the malloc settings named by `--malloc` (default: default,retain), in separate
+- `naive`: all of the above undone at once (a plain JAX step on our model).
+- `xla:<name>` (not adopted; measured for the README): XLA:CPU options, per compile
+  (`compile(compiler_options=...)`, the same settings as `XLA_FLAGS`): `xla:no_ynn` (dots on
+  XLA's own/Eigen emitters instead of YNNPACK), `xla:xnn` (XNNPACK dot fusions), `xla:ynn_all`
+  (YNNPACK also for elementwise and reductions). oneDNN dot fusions
+  (`--xla_cpu_use_onednn --xla_cpu_experimental_onednn_fusion_type=...DOT`) abort this step's
+  compilation ("partition compile failed") in jax 0.10.2, so they are not in the list.
+Each is run under the malloc settings named by `--malloc` (default: retain), in separate
 processes, since glibc reads them at start-up.
 """
 
@@ -39,78 +53,61 @@ import time
 from benchmarks import common
 from benchmarks.run import HERE, MALLOC, ROOT, say
 
-CHANGES = ('fused_loss', 'dense_vjp', 'grad_store', 'attention', 'partition')
-CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive', '+lora_vjp']
+CHANGES = ('fused_loss', 'token_dot', 'attention', 'grad_store', 'lora_flat', 'partition')
+_DOT = 'LIBRARY_FUSION_TYPE_DOT'
+XLA_OPTIONS = {
+  'no_ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
+  'xnn': {
+    'xla_cpu_experimental_ynn_fusion_type': '',
+    'xla_cpu_use_xnnpack': True,
+    'xla_cpu_experimental_xnn_fusion_type': _DOT,
+  },
+  'ynn_all': {'xla_cpu_experimental_ynn_fusion_type': f'{_DOT},LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'},
+}
+CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive'] + [f'xla:{x}' for x in XLA_OPTIONS]
 
 
-def _lora_custom_vjp():
-  """LoRA's factored product with a hand-written VJP (B's gradient as `(x·A)ᵀ·g`, rank axis first)."""
-  import functools
-
-  import jax
+def _lora_einsums(specs, scale, x, a, b):
+  """LoRA's product as plain einsums over the token axes (what `-lora_flat` runs)."""
   import jax.numpy as jnp
 
-  def forward(specs, scale, x, a, b):
-    xs, as_, ts, bs, ys = specs
-    t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
-    return jnp.einsum(f'{ts},{bs}->{ys}', t, b), t
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-  def factored(specs, scale, x, a, b):
-    return forward(specs, scale, x, a, b)[0]
-
-  def fwd(specs, scale, x, a, b):
-    y, t = forward(specs, scale, x, a, b)
-    return y, (x, a, b, t)
-
-  def bwd(specs, scale, residuals, g):
-    xs, as_, ts, bs, ys = specs
-    x, a, b, t = residuals
-    db = jnp.einsum(f'{ts},{ys}->{bs}', t, g)
-    gt = jnp.einsum(f'{ys},{bs}->{ts}', g, b) * jnp.asarray(scale, g.dtype)
-    return (
-      jnp.einsum(f'{ts},{as_}->{xs}', gt, a).astype(x.dtype),
-      jnp.einsum(f'{ts},{xs}->{as_}', gt, x).astype(a.dtype),
-      db.astype(b.dtype),
-    )
-
-  factored.defvjp(fwd, bwd)
-  return factored
+  xs, as_, ts, bs, ys = specs
+  t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
+  return jnp.einsum(f'{ts},{bs}->{ys}', t, b)
 
 
-def _patched(off: set, on: frozenset = frozenset()):
-  """Context manager that undoes the changes in `off` and makes those in `on` (module globals are
-  read at trace time)."""
+def _patched(off: set):
+  """Context manager that undoes the changes in `off` (module globals are read at trace time)."""
   import contextlib
 
-  import jax
-  import jax.numpy as jnp
+  import flax.linen as nn
 
   from flax_adapters.methods import lora
   from flax_adapters.models import gpt2, layers
 
   @contextlib.contextmanager
   def ctx():
-    saved = dict(linear=gpt2._linear, mat=gpt2._materialize_grad, att=gpt2._causal_attention, fac=lora._factored)
+    saved = dict(dense=gpt2._dense, att=gpt2.causal_attention, res=gpt2._residual, fac=lora._factored)
     try:
-      if 'dense_vjp' in off:
-        gpt2._linear = lambda x, k: jax.lax.dot_general(x, k, (((x.ndim - 1,), (0,)), ((), ())))
-      if 'grad_store' in off:
-        gpt2._materialize_grad = lambda x: x
+      if 'token_dot' in off:
+        gpt2._dense = lambda features, name, dtype, param_dtype: nn.Dense(
+          features, dtype=dtype, param_dtype=param_dtype, name=name
+        )
       if 'attention' in off:
 
         def attention(qkv, mask, scale):
           q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-          y = layers.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True)
-          return jnp.transpose(y, (0, 2, 1, 3))
+          return layers.dot_product_attention(q, k, v, scale=scale, mask=mask, is_causal=True)
 
-        gpt2._causal_attention = attention
-      if 'lora_vjp' in on:
-        lora._factored = _lora_custom_vjp()
+        gpt2.causal_attention = attention
+      if 'grad_store' in off:
+        gpt2._residual = lambda x: x
+      if 'lora_flat' in off:
+        lora._factored = _lora_einsums
       yield
     finally:
       lora._factored = saved['fac']
-      gpt2._linear, gpt2._materialize_grad, gpt2._causal_attention = saved['linear'], saved['mat'], saved['att']
+      gpt2._dense, gpt2.causal_attention, gpt2._residual = saved['dense'], saved['att'], saved['res']
 
   return ctx()
 
@@ -127,15 +124,16 @@ def worker(args):
 
   ns = argparse.Namespace(mode=args.mode, size=args.size, weights=args.weights, gpu=False, bf16=False)
   s = jax_worker.build(ns)
-  model_a, trainable, frozen, ids = s['model_a'], s['trainable'], s['frozen'], s['ids']
+  model_a, frozen, ids = s['model_a'], s['frozen'], s['ids']
+  trainable = s['variants']['main']['trainable']
   # A separate copy for the whole-tree configurations (the split ones donate their leaves).
   params = jax.tree.map(lambda x: x.copy(), fa.combine(trainable, frozen))
-  mask = s['mask']
+  mask = fa.trainable_mask(model_a, params)
   tx = optax.adamw(1e-4, weight_decay=0.01)
   configs = {}
   for name in args.configs:
     off = set(CHANGES) if name == 'naive' else ({name[1:]} if name.startswith('-') else set())
-    on = frozenset({name[1:]}) if name.startswith('+') else frozenset()
+    options = XLA_OPTIONS[name[4:]] if name.startswith('xla:') else {}
     if 'fused_loss' in off:
 
       def loss_fn(p, x):
@@ -143,7 +141,8 @@ def worker(args):
         return layers.cross_entropy(logits[:, :-1], x[:, 1:])
     else:
       loss_fn = lambda p, x: model_a.apply({'params': p}, x, method='loss')
-    with _patched(off, on):
+    with _patched(off):
+      t0 = time.perf_counter()
       if 'partition' in off:
         opt = fa.transfer_optimizer(tx, mask)
 
@@ -152,13 +151,11 @@ def worker(args):
           u, state = opt.update(g, state, p)
           return optax.apply_updates(p, u), state, loss
 
-        t0 = time.perf_counter()
-        compiled = jax.jit(step).lower(params, opt.init(params), ids).compile()
+        compiled = jax.jit(step).lower(params, opt.init(params), ids).compile(compiler_options=options)
         configs[name] = ('whole', compiled, opt, time.perf_counter() - t0)
       else:
-        t0 = time.perf_counter()
-        compiled = make_train_step(loss_fn, tx).lower(trainable, tx.init(trainable), frozen, ids).compile()
-        configs[name] = ('split', compiled, tx, time.perf_counter() - t0)
+        step = make_train_step(loss_fn, tx).lower(trainable, tx.init(trainable), frozen, ids)
+        configs[name] = ('split', step.compile(compiler_options=options), tx, time.perf_counter() - t0)
   # One training state per layout, threaded through every configuration of that layout (values
   # do not matter for timing; donation consumes the inputs).
   state = {'split': [trainable, tx.init(trainable)]}
@@ -168,6 +165,7 @@ def worker(args):
 
   def run(name):
     kind, compiled, _, _ = configs[name]
+    c = time.process_time()
     t = time.perf_counter()
     if kind == 'split':
       st = state['split']
@@ -176,36 +174,53 @@ def worker(args):
       st = state['whole']
       st[0], st[1], loss = compiled(st[0], st[1], ids)
     jax.block_until_ready((st, loss))
-    return time.perf_counter() - t
+    return time.perf_counter() - t, time.process_time() - c
 
   for name in configs:  # warm-up
     run(name)
     run(name)
   times = {n: [] for n in configs}
+  cpu = {n: [] for n in configs}
+  loads = {n: [] for n in configs}
   order = list(configs)
   for r in range(args.rounds):
     common.wait_quiet(max_wait=20)
     for name in order if r % 2 == 0 else order[::-1]:
       for _ in range(args.steps):
-        times[name].append(run(name))
-  print(json.dumps({'times': times, 'compile_s': {n: c[3] for n, c in configs.items()}}))
+        meter = common.LoadMeter()
+        wall, cpu_s = run(name)
+        times[name].append(wall)
+        cpu[name].append(cpu_s)
+        loads[name].append(meter.others())
+  compile_s = {n: c[3] for n, c in configs.items()}
+  print(json.dumps({'times': times, 'cpu_s': cpu, 'loads': loads, 'compile_s': compile_s}))
+
+
+def round_ratios(times: dict, steps: int, base: str = 'all') -> dict:
+  """Per configuration: the median over rounds of its round median over `base`'s round median."""
+  n_rounds = len(times[base]) // steps
+  med = lambda xs, r: statistics.median(xs[r * steps : (r + 1) * steps])
+  return {
+    name: statistics.median([med(ts, r) / med(times[base], r) for r in range(n_rounds)]) for name, ts in times.items()
+  }
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--quick', action='store_true')
   p.add_argument('--mode', choices=('lora', 'full', 'both'), default='both')
-  p.add_argument('--rounds', type=int, default=4)
+  p.add_argument('--rounds', type=int, default=6)
   p.add_argument('--steps', type=int, default=2)
-  p.add_argument('--malloc', default='default,retain')
+  p.add_argument('--malloc', default='retain')
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--weights', help=argparse.SUPPRESS)
-  p.add_argument('--configs', help=argparse.SUPPRESS)
+  p.add_argument('--configs', default=None, help='comma list of configurations (default: all of them)')
   args = p.parse_args(argv)
   args.size = 'quick' if args.quick else 'gpt2'
   if args.worker:
     args.configs = args.configs.split(',')
     return worker(args)
+  chosen = args.configs.split(',') if args.configs else CONFIGS
 
   import tempfile
 
@@ -229,10 +244,9 @@ def main(argv=None):
     for malloc in args.malloc.split(','):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
-        # Under non-default malloc settings only `all` and `naive` run (what the settings buy).
-        configs = [c for c in CONFIGS if mode == 'lora' or c != '+lora_vjp']
-        if malloc != 'retain':
-          configs = ['all', 'naive']
+        configs = [c for c in chosen if mode == 'lora' or c != '-lora_flat']
+        if 'all' not in configs:
+          configs.insert(0, 'all')
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')
         out = subprocess.run(
           [
@@ -260,9 +274,25 @@ def main(argv=None):
         )
         got = json.loads(out.stdout.strip().splitlines()[-1])
         med = {n: statistics.median(v) for n, v in got['times'].items()}
-        result['runs'].append({'mode': mode, 'malloc': malloc, 'median_s': med, **got})
+        ratios = round_ratios(got['times'], args.steps)
+        cpu_ratios = round_ratios(got['cpu_s'], args.steps)
+        load = {n: statistics.median(v) for n, v in got['loads'].items()}
+        result['runs'].append(
+          {
+            'mode': mode,
+            'malloc': malloc,
+            'median_s': med,
+            'ratio_to_all': ratios,
+            'cpu_ratio_to_all': cpu_ratios,
+            **got,
+          }
+        )
         for n, v in med.items():
-          print(f'{mode:5s} malloc={malloc:7s} {n:12s} {v:7.3f} s  x{v / med["all"]:.3f} of all')
+          print(
+            f'{mode:5s} malloc={malloc:7s} {n:13s} {v:6.3f} s  x{ratios[n]:.3f} of all; CPU time x{cpu_ratios[n]:.3f} '
+            f'(medians of per-round ratios; others took {load[n]:.2f} of the CPU)',
+            flush=True,
+          )
   out = os.path.join(HERE, 'results', f'ablation-{args.size}-{result["date"].replace(":", "")}.json')
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, 'w') as f:

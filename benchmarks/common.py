@@ -116,15 +116,104 @@ def rss_mib() -> float:
   return float('nan')
 
 
-def cpu_name() -> str:
+# ISA extensions that decide which GEMM kernels a library can use (x86 and Arm spellings of /proc/cpuinfo).
+ISA_FLAGS = (
+  'avx2',
+  'fma',
+  'avx512f',
+  'avx512bw',
+  'avx512vl',
+  'avx512_vnni',
+  'avx512_bf16',
+  'avx512_fp16',
+  'avx_vnni',
+  'amx_tile',
+  'amx_bf16',
+  'amx_int8',
+  'amx_fp16',
+  'asimd',
+  'sve',
+  'sve2',
+  'bf16',
+)
+
+
+def _cpuinfo() -> dict:
+  """The first processor's `key: value` block of /proc/cpuinfo ({} where there is none)."""
+  info = {}
   try:
     with open('/proc/cpuinfo') as f:
       for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
+        if not line.strip():
+          if info:
+            break
+          continue
+        key, _, value = line.partition(':')
+        info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return platform.processor() or platform.machine()
+  return info
+
+
+def _caches() -> dict:
+  """Cache sizes of cpu0 by level and type, e.g. {'L1d': '48K', 'L2': '2048K', 'L3': '32768K'}."""
+  out = {}
+  base = '/sys/devices/system/cpu/cpu0/cache'
+  try:
+    for index in sorted(os.listdir(base)):
+      d = os.path.join(base, index)
+      read = lambda name, d=d: open(os.path.join(d, name)).read().strip()
+      kind = read('type')
+      out['L' + read('level') + {'Data': 'd', 'Instruction': 'i'}.get(kind, '')] = read('size')
+  except OSError:
+    pass
+  return out
+
+
+def processor() -> dict:
+  """What a CPU speed claim depends on: vendor, model, family/model numbers, the GEMM-relevant ISA
+  extensions (AVX-512, AMX, ...), caches, cores, and whether it is a virtual machine."""
+  info = _cpuinfo()
+  flags = set((info.get('flags') or info.get('Features') or '').split())
+  vendor = info.get('vendor_id', '')
+  return {
+    'vendor': {'AuthenticAMD': 'AMD', 'GenuineIntel': 'Intel'}.get(vendor, vendor or platform.machine()),
+    'model_name': info.get('model name') or platform.processor() or platform.machine(),
+    'family': info.get('cpu family'),
+    'model': info.get('model'),
+    'stepping': info.get('stepping'),
+    'arch': platform.machine(),
+    'isa': [f for f in ISA_FLAGS if f in flags],
+    'caches': _caches(),
+    'cores': NCPU,
+    'virtual_machine': 'hypervisor' in flags,
+  }
+
+
+def describe_processor(p: dict) -> str:
+  """One line, e.g. 'AMD EPYC (family 26, model 2; AVX-512 with bf16/VNNI; no AMX; L3 32768K; 2 cores, VM)'."""
+  isa = set(p.get('isa', ()))
+  if 'avx512f' in isa:
+    extras = [n for f, n in (('avx512_bf16', 'bf16'), ('avx512_vnni', 'VNNI'), ('avx512_fp16', 'fp16')) if f in isa]
+    vec = 'AVX-512' + (' with ' + '/'.join(extras) if extras else '')
+  elif 'avx2' in isa:
+    vec = 'AVX2'
+  elif 'sve' in isa or 'asimd' in isa:
+    vec = 'SVE' if 'sve' in isa else 'NEON'
+  else:
+    vec = 'no AVX2'
+  amx = [f[4:] for f in ('amx_bf16', 'amx_int8', 'amx_fp16') if f in isa]
+  parts = [f'family {p["family"]}, model {p["model"]}' if p.get('family') else p.get('arch', '')]
+  parts.append(vec + ('; AMX ' + '/'.join(amx) if amx else ('; no AMX' if p.get('arch') == 'x86_64' else '')))
+  if p.get('caches', {}).get('L3'):
+    parts.append(f'L3 {p["caches"]["L3"]}')
+  parts.append(f'{p["cores"]} cores' + (', VM' if p.get('virtual_machine') else ''))
+  name = p['model_name'] if p['model_name'].startswith(p['vendor']) else f'{p["vendor"]} {p["model_name"]}'
+  return f'{name} ({"; ".join(parts)})'
+
+
+def cpu_name() -> str:
+  return _cpuinfo().get('model name') or platform.processor() or platform.machine()
 
 
 def machine() -> dict:
@@ -136,6 +225,7 @@ def machine() -> dict:
     pass
   return {
     'cpu': cpu_name(),
+    'processor': processor(),
     'cores': NCPU,
     'mem_gib': mem,
     'os': platform.platform(),
@@ -168,6 +258,16 @@ def gpt2_flops(*, n_layer, n_embd, vocab, batch, seq, mode, rank=8, inner=None, 
   # Backward: input grads of everything (= forward), plus adapter weight grads and input grads.
   lora_bwd = n_layer * 2 * (2 * n * (d * rank + rank * 3 * d))
   return {'forward': fwd + lora_fwd, 'step': 2 * fwd + lora_fwd + lora_bwd}
+
+
+def matmul_rate(n: int, run, repeats: int) -> dict:
+  """GFLOP/s of an `n`³ matmul that `run()` computes (and waits for): the best of `repeats`."""
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t)
+  return {'n': n, 'gflops': 2 * n**3 / min(times) / 1e9, 'times': times}
 
 
 # -- worker protocol: one JSON object per line ----------------------------------------------------

@@ -38,7 +38,8 @@ def build(args):
     {k: v for k, v in weights.items() if ':' not in k and k != 'input_ids'}, cfg, param_dtype=base_dtype
   )
   ids = jnp.asarray(weights['input_ids'], jnp.int32)
-  if args.mode == 'lora':
+  lora = args.mode == 'lora'
+  if lora:
     tc = fa.TransferConfig(
       mode='lora',
       lora_rank=LORA['rank'],
@@ -50,7 +51,7 @@ def build(args):
   else:
     tc = fa.TransferConfig(mode='full')
   model_a, params = fa.prepare_for_transfer(model, params, tc, ids)
-  if args.mode == 'lora':  # start from PEFT's A matrices (B is zero on both sides)
+  if lora:  # start from PEFT's A matrices (B is zero on both sides)
     for i in range(cfg.n_layer):
       a = weights[f'peft:base_model.model.transformer.h.{i}.attn.c_attn.lora_A.default.weight']
       site = params['transformer'][f'h_{i}']['attn']['c_attn']
@@ -60,27 +61,45 @@ def build(args):
   trainable, frozen = fa.partition(params, mask)
   del params
   tx = optax.adamw(ADAMW['lr'], b1=ADAMW['b1'], b2=ADAMW['b2'], eps=ADAMW['eps'], weight_decay=ADAMW['weight_decay'])
-  opt_state = tx.init(trainable)
 
   def loss_fn(p, input_ids):
     # Same loss as HF's `model(input_ids, labels=input_ids).loss`: shifted next-token CE, mean.
     return model_a.apply({'params': p}, input_ids, method='loss')
 
-  step = make_train_step(loss_fn, tx)
-  return dict(
-    jax=jax,
-    jnp=jnp,
-    fa=fa,
-    model=model,
-    model_a=model_a,
-    trainable=trainable,
-    frozen=frozen,
-    opt_state=opt_state,
-    step=step,
-    ids=ids,
-    cfg=cfg,
-    mask=mask,
-  )
+  losses = {'main': loss_fn}
+  if lora and getattr(args, 'overhead', False):
+    # The library-overhead pair: the same model and params, adapted by flax_adapters ('library', the
+    # benchmark's own step on a state of its own) and by a hand-written LoRA interceptor.
+    scale = LORA['alpha'] / LORA['rank']
+    losses.update(library=loss_fn, handwritten=handwritten_lora_loss(model, set(LORA['targets']), scale))
+  steps = {fn: make_train_step(fn, tx) for fn in set(losses.values())}
+  variants = {}
+  for name, fn in losses.items():
+    # Each variant donates its own copy of the trainable leaves; the frozen ones are shared.
+    own = trainable if name == 'main' else jax.tree.map(jnp.copy, trainable)
+    variants[name] = {'step': steps[fn], 'trainable': own, 'opt_state': tx.init(own)}
+  return dict(jax=jax, jnp=jnp, fa=fa, model=model, model_a=model_a, frozen=frozen, ids=ids, cfg=cfg, variants=variants)
+
+
+def handwritten_lora_loss(model, targets, scale):
+  """The LoRA a user would write by hand for the overhead row: a linen interceptor that adds
+  `scale·(x·A)·B` to each call of a module named in `targets`, reading A and B from that module's
+  params (the same params tree as flax_adapters', so both variants train the same leaves)."""
+  import flax.linen as nn
+
+  def interceptor(next_fun, args, kwargs, context):
+    y = next_fun(*args, **kwargs)
+    if context.method_name == '__call__' and context.module.name in targets:
+      p = context.module.variables['params']
+      a, b = p['lora_a'].astype(y.dtype), p['lora_b'].astype(y.dtype)
+      y = y + ((args[0].astype(y.dtype) @ a) * scale) @ b
+    return y
+
+  def loss(p, input_ids):
+    with nn.intercept_methods(interceptor):
+      return model.apply({'params': p}, input_ids, method='loss')
+
+  return loss
 
 
 class Worker:
@@ -93,44 +112,46 @@ class Worker:
     s = self.s = build(self.args)
     jax = s['jax']
     t1 = time.perf_counter()
-    lowered = s['step'].lower(s['trainable'], s['opt_state'], s['frozen'], s['ids'])
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    s['compiled'] = compiled
-    n_train = sum(int(x.size) for x in jax.tree.leaves(s['trainable']))
-    out = {
-      'build_s': t1 - t0,
-      'compile_s': t2 - t1,
-      'xla_flops': float(cost.get('flops', float('nan'))) if cost else None,
-      'trainable_params': n_train,
-      'device': str(jax.devices()[0]),
-      'jax_version': jax.__version__,
-    }
+    out = {'build_s': t1 - t0, 'device': str(jax.devices()[0]), 'jax_version': jax.__version__}
+    compiled = {}
+    for v in s['variants'].values():
+      t = time.perf_counter()
+      if v['step'] not in compiled:  # 'library' runs the same step as 'main'
+        compiled[v['step']] = v['step'].lower(v['trainable'], v['opt_state'], s['frozen'], s['ids']).compile()
+      v['compiled'] = compiled[v['step']]
+      cost = v['compiled'].cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      out.setdefault('compile_s', time.perf_counter() - t)
+      out.setdefault('xla_flops', float(cost.get('flops', float('nan'))) if cost else None)
+    out['trainable_params'] = sum(int(x.size) for x in jax.tree.leaves(next(iter(s['variants'].values()))['trainable']))
     # Warm-up: the first calls (allocation, thread pools) are not timed as steps.
     # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
     # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
     # the training peak (over the timed steps) holds what training keeps resident on each side.
-    out['warmup'] = self.steps(2)
+    # (Per variant; 'warmup' and 'warmup_after_release' are the benchmark's own step, 'main'.)
+    for name in s['variants']:
+      out[f'{name}_warmup'] = self.steps(2, variant=name)
     out['setup_peak_rss_mib'] = common.peak_rss_mib()
     common.release_free_memory()
     out['hwm_reset'] = common.reset_peak_rss()
     # One more untimed step: it faults the released buffers back in (its peak counts as training).
-    out['warmup_after_release'] = self.steps(1)
+    for name in s['variants']:
+      out[f'{name}_warmup_after_release'] = self.steps(1, variant=name)
+    out['warmup'], out['warmup_after_release'] = out.pop('main_warmup'), out.pop('main_warmup_after_release')
     return out
 
-  def steps(self, n: int):
+  def steps(self, n: int, variant: str | None = None):
     s = self.s
     jax = s['jax']
+    v = s['variants'][variant or next(iter(s['variants']))]
     times, loads, losses, faults, dispatch = [], [], [], [], []
     for _ in range(n):
       meter = common.LoadMeter()
       f0 = common.minor_faults()
       t = time.perf_counter()
-      s['trainable'], s['opt_state'], loss = s['compiled'](s['trainable'], s['opt_state'], s['frozen'], s['ids'])
+      v['trainable'], v['opt_state'], loss = v['compiled'](v['trainable'], v['opt_state'], s['frozen'], s['ids'])
       dispatch.append(time.perf_counter() - t)  # host time to launch the step (asynchronous)
-      jax.block_until_ready((s['trainable'], s['opt_state'], loss))
+      jax.block_until_ready((v['trainable'], v['opt_state'], loss))
       times.append(time.perf_counter() - t)
       loads.append(meter.others())
       faults.append(common.minor_faults() - f0)
@@ -145,6 +166,21 @@ class Worker:
       **self._device_memory(),
     }
 
+  def matmul(self, repeats: int = 3):
+    """This framework's matmul rate in this process (GFLOP/s, best of `repeats`), to put the steps
+    of the same round against their own framework's peak."""
+    jax, jnp = self.s['jax'], self.s['jnp']
+    if 'matmul' not in self.s:
+      n = setup_cfg.MATMUL_N['gpu' if self.args.gpu else 'cpu']
+      dtype = jnp.bfloat16 if self.args.bf16 else jnp.float32
+      a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+      b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+      f = jax.jit(lambda a, b: a @ b)
+      f(a, b).block_until_ready()
+      self.s['matmul'] = (n, lambda: f(a, b).block_until_ready())
+    n, run = self.s['matmul']
+    return common.matmul_rate(n, run, repeats)
+
   def _device_memory(self):
     if not self.args.gpu:
       return {}
@@ -155,7 +191,7 @@ class Worker:
     """Merge time of all adapters, and merged vs base vs adapted inference latency (interleaved)."""
     s = self.s
     jax, jnp, fa = s['jax'], s['jnp'], s['fa']
-    params = fa.combine(s['trainable'], s['frozen'])
+    params = fa.combine(next(iter(s['variants'].values()))['trainable'], s['frozen'])
     merge_times = []
     for _ in range(repeats):
       t = time.perf_counter()
@@ -210,7 +246,9 @@ def _drop_adapter_leaves(params):
 
 def main():
   w = Worker(setup_cfg.worker_args())
-  common.serve({'setup': w.setup, 'steps': w.steps, 'merge': w.merge, 'trace': w.trace, 'final': w.final})
+  common.serve(
+    {'setup': w.setup, 'steps': w.steps, 'matmul': w.matmul, 'merge': w.merge, 'trace': w.trace, 'final': w.final}
+  )
 
 
 if __name__ == '__main__':

@@ -10,6 +10,8 @@ SIZES = {
 }
 
 LORA = dict(rank=8, alpha=16, targets=['c_attn'])
+# The matmul each worker times between rounds (n x n x n): its framework's peak in that round.
+MATMUL_N = {'cpu': 2048, 'gpu': 8192}
 # torch.optim.AdamW's defaults, written out for both sides.
 ADAMW = dict(lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -38,6 +40,8 @@ def worker_args(argv=None):
   parser.add_argument('--weights', required=True)
   parser.add_argument('--gpu', action='store_true')
   parser.add_argument('--bf16', action='store_true')
+  # jax side, LoRA: also a hand-written LoRA on the same model (the library-overhead pair).
+  parser.add_argument('--overhead', action='store_true')
   args = parser.parse_args(argv)
   args.bf16 = args.bf16 or args.gpu
   return args

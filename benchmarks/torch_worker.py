@@ -7,12 +7,27 @@ torch uses every core (`torch.set_num_threads(os.cpu_count())`).
 from __future__ import annotations
 
 import os
+import re
 import time
 
 import numpy as np
 
 from benchmarks import common, setup_cfg
 from benchmarks.setup_cfg import ADAMW, LORA, hf_config_dict
+
+
+def blas_versions(config: str) -> list[str]:
+  """'MKL 2024.2', 'oneDNN 3.12.0', ... from `torch.__config__.show()`."""
+  found = []
+  for pattern, name in (
+    (r'Math Kernel Library Version ([\d.]+)', 'MKL'),
+    (r'MKL-DNN v([\d.]+)', 'oneDNN'),
+    (r'OpenBLAS ([\d.]+)', 'OpenBLAS'),
+  ):
+    m = re.search(pattern, config)
+    if m:
+      found.append(f'{name} {m.group(1)}')
+  return found
 
 
 class Worker:
@@ -66,6 +81,9 @@ class Worker:
       'torch_version': torch.__version__,
       'threads': torch.get_num_threads(),
       'attn_implementation': model.config._attn_implementation,
+      # Which kernels torch picks on this processor, and its BLAS (MKL, oneDNN, OpenBLAS versions).
+      'cpu_capability': torch.backends.cpu.get_cpu_capability(),
+      'blas': blas_versions(torch.__config__.show()),
     }
     # Setup (loading the shared weights file, building, compiling) and the warm-up steps have their
     # own peak. Then the allocator's free pages go back to the OS and the peak count restarts, so
@@ -77,6 +95,18 @@ class Worker:
     # One more untimed step: it faults the released buffers back in (its peak counts as training).
     out['warmup_after_release'] = self.steps(1)
     return out
+
+  def matmul(self, repeats: int = 3):
+    """torch's matmul rate in this process (GFLOP/s, best of `repeats`); see jax_worker.matmul."""
+    torch = self.torch
+    if not hasattr(self, '_mm'):
+      n = setup_cfg.MATMUL_N['gpu' if self.args.gpu else 'cpu']
+      dtype = torch.bfloat16 if self.args.bf16 else torch.float32
+      a = torch.randn(n, n, dtype=dtype, device=self.device)
+      b = torch.randn(n, n, dtype=dtype, device=self.device)
+      self._mm = (n, lambda: (a @ b, self._sync()))
+      self._mm[1]()
+    return common.matmul_rate(*self._mm, repeats)
 
   def _sync(self):
     if self.args.gpu:
@@ -140,7 +170,7 @@ class Worker:
 
 def main():
   w = Worker(setup_cfg.worker_args())
-  common.serve({'setup': w.setup, 'steps': w.steps, 'profile': w.profile, 'final': w.final})
+  common.serve({'setup': w.setup, 'steps': w.steps, 'matmul': w.matmul, 'profile': w.profile, 'final': w.final})
 
 
 if __name__ == '__main__':

@@ -32,12 +32,24 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def _factored(specs, scale, x, a, b):
   """`scale · (x·A)·B`; `specs` are the einsum subscripts (x, A, x·A, B, y).
 
-  Plain einsums, differentiated by JAX in both modes. (A custom VJP that orders B's gradient GEMM
-  for XLA:CPU saved 2% of a GPT-2 LoRA step, see benchmarks/README.md, but would have cost every
-  user `jax.jvp`, `jax.jacfwd` and Hessian-vector products through adapted layers.)
+  Plain JAX, differentiated by JAX in both modes. When the kernel's input axes end `x` and its
+  output axes end `y` (a Dense layer), the leading (token) axes are flattened into one, so each
+  product, and each of its gradients (B's `(x·A)ᵀ·g` included), is one 2-D GEMM: with the token
+  axes apart, reverse mode yields `transpose(dot(g, x·A))`, which XLA:CPU runs as a transposed copy
+  of `g` first (2-3% of a GPT-2 LoRA step; `+lora_flat` in benchmarks/README.md's ablation).
+  A custom VJP would do the same but cost every user `jax.jvp`, `jax.jacfwd` and Hessian-vector
+  products through adapted layers.
   """
   xs, as_, ts, bs, ys = specs
-  t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * jnp.asarray(scale, x.dtype)
+  kin, kout, rest = as_[:-1], bs[1:], ts[:-1]
+  scale = jnp.asarray(scale, x.dtype)
+  if rest and xs == rest + kin and ys == rest + kout:
+    lead = x.shape[: len(rest)]
+    a2 = a.reshape(-1, a.shape[-1])
+    t = (x.reshape(-1, a2.shape[0]) @ a2) * scale
+    y = t @ b.reshape(b.shape[0], -1)
+    return y.reshape(lead + b.shape[1:])
+  t = jnp.einsum(f'{xs},{as_}->{ts}', x, a) * scale
   return jnp.einsum(f'{ts},{bs}->{ys}', t, b)
 
 

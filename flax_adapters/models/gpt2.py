@@ -19,10 +19,12 @@ from flax_adapters.models import hf_config
 from flax_adapters.models.layers import (
   Dtype,
   activation,
+  at_least_f32,
   cross_entropy,
   dot_product_attention,
   padding_mask,
   tied_head_cross_entropy,
+  token_dot_general,
 )
 
 
@@ -86,108 +88,63 @@ class GPT2Config:
     return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], **dataclasses.asdict(self)}
 
 
-@jax.custom_vjp
-def _linear(x, kernel):
-  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+def _dense(features: int, name: str, dtype, param_dtype) -> nn.Dense:
+  # A plain nn.Dense (HF Conv1D's [in, out] weight is its kernel), with the tokens flattened into
+  # one GEMM axis (`layers.token_dot_general`: the kernel gradient is then one xᵀ·g GEMM on CPU).
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, dot_general=token_dot_general, name=name)
 
 
-def _linear_fwd(x, kernel):
-  # symbolic_zeros: `.perturbed` says whether a gradient is wanted. A frozen kernel (LoRA) needs
-  # no kernel gradient, so x is not kept for it.
-  x_res = x.value if kernel.perturbed else None
-  return _linear(x.value, kernel.value), (x_res, kernel.value)
+def causal_attention(qkv: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+  """Causal softmax attention on GPT-2's fused `[B, T, 3, N, H]` projections -> `[B, T, N, H]`.
 
+  Heads-major inside: one transpose of the fused q/k/v, batched GEMMs with no further copies,
+  softmax in float32 (float64 for float64 inputs), derivatives from `_attention`'s custom_jvp rule.
+  (On GPU, `GPT2Attention` calls `jax.nn.dot_product_attention` instead.)
 
-def _linear_bwd(residuals, g):
-  x, kernel = residuals
-  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  if x is None:
-    return dx, None
-  # The kernel gradient as one `x^T·g` GEMM over the flattened tokens. Autodiff of `x·W` instead
-  # gives `transpose(dot(g, x))`, which XLA:CPU lowers to a transposed copy of `g` and a slower
-  # non-library GEMM.
-  x2, g2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
-  dk = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())))
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd, symbolic_zeros=True)
-
-
-@jax.custom_vjp
-def _tied_head(h, embedding):
-  """`h · embeddingᵀ` (the tied LM head), with each gradient written as one library GEMM."""
-  return jax.lax.dot_general(h, embedding, (((h.ndim - 1,), (1,)), ((), ())))
-
-
-def _tied_head_fwd(h, embedding):
-  return _tied_head(h, embedding), (h, embedding)
-
-
-def _tied_head_bwd(residuals, g):
-  h, embedding = residuals
-  dh = jax.lax.dot_general(g, embedding, (((g.ndim - 1,), (0,)), ((), ())))
-  h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])
-  de = jax.lax.dot_general(g2, h2, (((0,), (0,)), ((), ())))
-  return dh.astype(h.dtype), de.astype(embedding.dtype)
-
-
-_tied_head.defvjp(_tied_head_fwd, _tied_head_bwd)
-
-
-class Dense(nn.Dense):
-  """`nn.Dense` (same parameters, same forward) with a kernel gradient laid out for XLA:CPU's GEMMs."""
-
-  @nn.compact
-  def __call__(self, inputs):
-    kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
-    inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-    y = _linear(inputs, kernel)
-    return y + bias if bias is not None else y
-
-
-def _attention_fwd_core(qkv, mask, scale):
-  """Causal softmax attention on the fused `[B, T, 3, N, H]` projections; heads-major inside."""
-  qkv_t = jnp.transpose(qkv, (2, 0, 3, 1, 4))  # [3, B, N, T, H]: one copy, then no transposes
-  q, k, v = qkv_t[0], qkv_t[1], qkv_t[2]
-  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=jnp.float32) * scale
-  t = logits.shape[-1]
+  Examples:
+    >>> causal_attention(jnp.ones((1, 3, 3, 2, 4)), None, 0.5).shape
+    (1, 3, 2, 4)
+  """
+  # [3, B, N, T, H]; split (not indexed), so that the gradient is one concatenation, not three pads.
+  q, k, v = (a[0] for a in jnp.split(jnp.transpose(qkv, (2, 0, 3, 1, 4)), 3))
+  t = qkv.shape[1]
   allowed = jnp.tril(jnp.ones((t, t), bool))
   if mask is not None:
     allowed = allowed & mask  # [B, 1, 1|T, T]
-  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.transpose(_attention(q, k, v, allowed, scale), (0, 2, 1, 3))
+
+
+def _attention_probs(q, k, allowed, scale):
+  dtype = at_least_f32(q.dtype)
+  logits = jnp.einsum('bnth,bnsh->bnts', q, k, preferred_element_type=dtype) * scale
+  return jax.nn.softmax(jnp.where(allowed, logits, jnp.finfo(dtype).min), axis=-1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def _attention(q, k, v, allowed, scale):
+  """`softmax(q·kᵀ·scale, where allowed)·v` on heads-major `[B, N, T, H]` arrays."""
+  return jnp.einsum('bnts,bnsh->bnth', _attention_probs(q, k, allowed, scale).astype(v.dtype), v)
+
+
+@_attention.defjvp
+def _attention_jvp(scale, primals, tangents):
+  # The softmax's tangent is P∘(dS - rowsum(P∘dS)); through the values its rowsum term is
+  # rowsum(P∘dS)·(P·v) = rowsum(P∘dS)·out. Written with `out`, the tangent's transpose (reverse
+  # mode) takes that rowsum as rowsum(d_out∘out), over the head dimension, instead of over the keys,
+  # and keeps only q, k, v, P and out for the backward pass. Plain JAX in the primals, so forward
+  # mode and higher derivatives work.
+  q, k, v, allowed = primals
+  tq, tk, tv, _ = tangents
+  probs = _attention_probs(q, k, allowed, scale)
   out = jnp.einsum('bnts,bnsh->bnth', probs.astype(v.dtype), v)
-  return out, (qkv_t, probs, out)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _causal_attention(qkv, mask, scale):
-  """`[B, T, 3, N, H]` fused q/k/v -> `[B, N, T, H]` attention output (softmax in float32)."""
-  return _attention_fwd_core(qkv, mask, scale)[0]
-
-
-def _causal_attention_fwd(qkv, mask, scale):
-  out, residuals = _attention_fwd_core(qkv, mask, scale)
-  return out, residuals
-
-
-def _causal_attention_bwd(scale, residuals, d_out):
-  qkv_t, probs, out = residuals
-  q, k, v = qkv_t[0], qkv_t[1], qkv_t[2]
-  d_probs = jnp.einsum('bnth,bnsh->bnts', d_out, v, preferred_element_type=jnp.float32)
-  # softmax backward with rowsum(dP∘P) = rowsum(dO∘O), a reduction over H instead of T.
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  d_logits = (probs * (d_probs - delta) * scale).astype(q.dtype)
-  dq = jnp.einsum('bnts,bnsh->bnth', d_logits, k)
-  dk = jnp.einsum('bnts,bnth->bnsh', d_logits, q)
-  dv = jnp.einsum('bnts,bnth->bnsh', probs.astype(d_out.dtype), d_out)
-  d_qkv = jnp.transpose(jnp.stack([dq, dk, dv]), (1, 3, 0, 2, 4))  # back to [B, T, 3, N, H]
-  return d_qkv.astype(qkv_t.dtype), None
-
-
-_causal_attention.defvjp(_causal_attention_fwd, _causal_attention_bwd)
+  dtype = probs.dtype
+  t_logits = jnp.einsum('bnth,bnsh->bnts', tq, k, preferred_element_type=dtype)
+  t_logits += jnp.einsum('bnth,bnsh->bnts', q, tk, preferred_element_type=dtype)
+  pt = probs * jnp.where(allowed, t_logits * scale, 0)
+  t_out = jnp.einsum('bnts,bnsh->bnth', pt.astype(v.dtype), v)
+  t_out -= jnp.sum(pt, axis=-1, keepdims=True).astype(v.dtype) * out
+  t_out += jnp.einsum('bnts,bnsh->bnth', probs.astype(tv.dtype), tv)
+  return out, t_out
 
 
 class GPT2Attention(nn.Module):
@@ -199,28 +156,28 @@ class GPT2Attention(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
     cfg = self.config
-    dense = lambda features, name: Dense(features, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     batch, length, _ = x.shape
-    qkv = dense(3 * cfg.n_embd, 'c_attn')(x)
+    qkv = _dense(3 * cfg.n_embd, 'c_attn', self.dtype, self.param_dtype)(x)
     qkv = qkv.reshape(batch, length, 3, cfg.n_head, cfg.head_dim)
     scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
     if cfg.scale_attn_by_inverse_layer_idx:
       scale /= float(self.layer_idx + 1)
-    if not deterministic and cfg.attn_pdrop > 0:
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    dropout = not deterministic and cfg.attn_pdrop > 0
+    if dropout or jax.default_backend() != 'cpu':
+      # jax.nn.dot_product_attention off CPU (the GPU's fusions), or attention with dropout written out.
       y = dot_product_attention(
-        q,
-        k,
-        v,
+        qkv[:, :, 0],
+        qkv[:, :, 1],
+        qkv[:, :, 2],
         scale=scale,
         mask=mask,
         is_causal=True,
         dropout_rate=cfg.attn_pdrop,
-        dropout_rng=self.make_rng('dropout'),
+        dropout_rng=self.make_rng('dropout') if dropout else None,
       )
     else:
-      y = jnp.transpose(_causal_attention(qkv, mask, float(scale)), (0, 2, 1, 3))
-    y = dense(cfg.n_embd, 'c_proj')(y.reshape(batch, length, cfg.n_embd))
+      y = causal_attention(qkv, mask, float(scale))
+    y = _dense(cfg.n_embd, 'c_proj', self.dtype, self.param_dtype)(y.reshape(batch, length, cfg.n_embd))
     return nn.Dropout(cfg.resid_pdrop)(y, deterministic=deterministic)
 
 
@@ -232,33 +189,34 @@ class GPT2MLP(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     cfg = self.config
-    x = Dense(cfg.inner_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='c_fc')(x)
+    x = _dense(cfg.inner_dim, 'c_fc', self.dtype, self.param_dtype)(x)
     x = activation(cfg.activation_function)(x)
-    x = Dense(cfg.n_embd, dtype=self.dtype, param_dtype=self.param_dtype, name='c_proj')(x)
+    x = _dense(cfg.n_embd, 'c_proj', self.dtype, self.param_dtype)(x)
     return nn.Dropout(cfg.resid_pdrop)(x, deterministic=deterministic)
 
 
-@jax.custom_vjp
-def _materialize_grad(x):
-  """The identity; its gradient is computed once and stored (see `_materialize_grad_bwd`)."""
+@jax.custom_jvp
+def _store_residual_grad(x):
+  """The identity; on XLA:CPU its tangent, so also the residual stream's gradient, is stored once
+  per block (see `_store_residual_grad_jvp`)."""
   return x
 
 
-def _materialize_grad_fwd(x):
-  return x, None
-
-
-def _materialize_grad_bwd(_, g):
+@_store_residual_grad.defjvp
+def _store_residual_grad_jvp(primals, tangents):
   # The residual stream's gradient is a chain of cheap adds through every block. XLA:CPU fuses that
   # chain into each consumer, so block k's fusions recompute the adds of all blocks above it
-  # (quadratic in depth; 40% of a LayerNorm-backward's time at 12 layers). A conditional is a
-  # fusion boundary, so routing the gradient through one makes XLA store it once per block. The
-  # predicate depends on the data (never true for a finite gradient) so it is not folded away;
-  # both branches return g. (`optimization_barrier` does not survive XLA:CPU's pipeline.)
-  return (jax.lax.cond(jnp.isnan(g.reshape(-1)[0]), lambda v: v * 1.0, lambda v: v, g),)
+  # (quadratic in depth). A conditional is a fusion boundary: routing the tangent through one (both
+  # branches the identity, the predicate a never-true test on the primal, so it is not folded away)
+  # makes XLA store the gradient once per block, since the transpose of a linear cond is a cond.
+  # A custom_jvp rule, so forward mode works too; `GPT2Block` uses it on CPU only.
+  (x,), (t,) = primals, tangents
+  never = jnp.isnan(x.reshape(-1)[0])
+  return x, jax.lax.cond(never, lambda v: v * 1.0, lambda v: v, t)
 
 
-_materialize_grad.defvjp(_materialize_grad_fwd, _materialize_grad_bwd)
+def _residual(x):
+  return _store_residual_grad(x) if jax.default_backend() == 'cpu' else x
 
 
 class GPT2Block(nn.Module):
@@ -271,9 +229,9 @@ class GPT2Block(nn.Module):
   def __call__(self, x, mask, deterministic: bool):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, name=name, **kw)
-    x = _materialize_grad(x)
+    x = _residual(x)
     x = x + GPT2Attention(cfg, self.layer_idx, name='attn', **kw)(norm('ln_1')(x), mask, deterministic)
-    x = _materialize_grad(x)
+    x = _residual(x)
     return x + GPT2MLP(cfg, name='mlp', **kw)(norm('ln_2')(x), deterministic)
 
 
@@ -347,13 +305,8 @@ class GPT2LMHeadModel(nn.Module):
       deterministic: False applies dropout (needs the `'dropout'` rng).
     """
     h = self.transformer(input_ids, attention_mask, position_ids, deterministic=deterministic)
-    return self._head(h)
-
-  def _head(self, h):
     if self.config.tie_word_embeddings:
-      # `wte.attend(h)`, with the gradients laid out for the CPU GEMM library (`_tied_head`).
-      h, embedding = nn.dtypes.promote_dtype(h, self.transformer.wte.embedding, dtype=self.dtype)
-      return _tied_head(h, embedding)
+      return self.transformer.wte.attend(h)
     return self.lm_head(h)
 
   def loss(self, input_ids, labels=None, attention_mask=None, position_ids=None, *, deterministic: bool = True):

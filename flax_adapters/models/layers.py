@@ -6,6 +6,7 @@ converted checkpoint gives the same outputs (to float32 rounding) as `transforme
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -13,6 +14,17 @@ import jax
 import jax.numpy as jnp
 
 Dtype = jnp.dtype | type
+
+
+def at_least_f32(dtype) -> jnp.dtype:
+  """float32 for half-precision (and float32) dtypes, float64 for float64: where the models keep
+  statistics, softmax and logits, so float64 runs stay float64 throughout.
+
+  Examples:
+    >>> at_least_f32(jnp.bfloat16).name
+    'float32'
+  """
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _gelu_exact(x):
@@ -53,7 +65,7 @@ def activation(name: str, *, field: str = 'hidden_act') -> Callable[[jax.Array],
 
 
 class RMSNorm(nn.Module):
-  """RMS normalisation exactly as HF `LlamaRMSNorm`: statistics in float32, the result cast back
+  """RMS normalisation exactly as HF `LlamaRMSNorm`: statistics in float32 (or float64), the result cast back
   to the input dtype before the weight multiply.
 
   Attributes:
@@ -77,48 +89,20 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(at_least_f32(x.dtype))
     variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
     return scale.astype(self.dtype) * normed.astype(self.dtype)
 
 
-def _nll_sum(logits, labels, weights):
-  x = logits.astype(jnp.float32)
-  lse = jax.nn.logsumexp(x, axis=-1)
-  picked = jnp.take_along_axis(x, labels[..., None], axis=-1)[..., 0]
-  return jnp.sum(weights * (lse - picked)), lse
-
-
-@jax.custom_vjp
-def _weighted_nll(logits, labels, weights):
-  return _nll_sum(logits, labels, weights)[0]
-
-
-def _weighted_nll_fwd(logits, labels, weights):
-  loss, lse = _nll_sum(logits, labels, weights)
-  return loss, (logits, labels, weights, lse)
-
-
-def _weighted_nll_bwd(residuals, g):
-  logits, labels, weights, lse = residuals
-  # d/dlogits of w·(logsumexp - logit[label]) is w·(softmax - onehot): one elementwise pass over the
-  # logits, with no scatter and no softmax kept from the forward.
-  onehot = labels[..., None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, logits.ndim - 1)
-  probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
-  grad = (probs - onehot) * (g * weights)[..., None]
-  return grad.astype(logits.dtype), None, None
-
-
-_weighted_nll.defvjp(_weighted_nll_fwd, _weighted_nll_bwd)
-
-
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100) -> jax.Array:
   """Mean cross-entropy over the labels that are not `ignore_index`, as `torch.nn.CrossEntropyLoss()`.
 
-  Computed in float32 whatever the logits' dtype. The gradient is written as one fused
-  `softmax - onehot` pass (a custom VJP), which saves XLA's scatter into a zero tensor of the
-  logits' size. As in torch, the mean over zero counted labels is NaN.
+  Computed in float32 (float64 for float64 logits) whatever the logits' dtype. The label's logit
+  is picked by a masked sum over the vocabulary rather than a gather, so the gradient is one
+  elementwise `softmax - onehot` pass (a gather's gradient is a scatter into a zero tensor of the
+  logits' size); plain `jnp`, so both reverse and forward mode work. As in torch, the mean over zero counted
+  labels is NaN.
 
   Args:
     logits: `[..., vocab]`.
@@ -131,8 +115,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -
     0.6931
   """
   valid = labels != ignore_index
-  weights = valid.astype(jnp.float32) / jnp.sum(valid).astype(jnp.float32)
-  return _weighted_nll(logits, jnp.where(valid, labels, 0), weights)
+  dtype = at_least_f32(logits.dtype)
+  weights = valid.astype(dtype) / jnp.sum(valid).astype(dtype)
+  x = logits.astype(dtype)
+  onehot = jnp.where(valid, labels, 0)[..., None] == jax.lax.broadcasted_iota(labels.dtype, x.shape, x.ndim - 1)
+  picked = jnp.sum(jnp.where(onehot, x, 0.0), axis=-1)
+  return jnp.sum(weights * (jax.nn.logsumexp(x, axis=-1) - picked))
 
 
 # Logits per chunk in `tied_head_cross_entropy`: 32M (128 MB in float32). GPT-2 small at 4 x 128
@@ -141,11 +129,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -
 _CHUNK_LOGITS = 1 << 25
 
 
-def _head_ce_chunks(h, embedding, labels, weights, want_de: bool):
-  """Loss, d loss/d h and (if `want_de`) d loss/d embedding, a chunk of rows at a time.
+def _head_ce_chunks(h, embedding, labels, weights, *, grads: bool, want_de: bool):
+  """Per-row losses, and with `grads` d loss/d h and (if `want_de`) d loss/d embedding.
 
-  With `want_de` the rows form one chunk, so the embedding gradient is one GEMM over all rows
-  (accumulating it chunk by chunk costs a zeroed and a re-read `[vocab, d]` buffer per chunk).
+  The rows go a chunk at a time (at most `_CHUNK_LOGITS` logits each), so only one chunk's logits
+  exist at a time. With `want_de` the rows form one chunk, so the embedding gradient is one GEMM
+  over all rows (accumulating it chunk by chunk costs a zeroed and a re-read `[vocab, d]` buffer
+  per chunk).
   """
   n, d = h.shape
   vocab = embedding.shape[0]
@@ -157,50 +147,71 @@ def _head_ce_chunks(h, embedding, labels, weights, want_de: bool):
     labels = jnp.pad(labels, (0, pad))
     weights = jnp.pad(weights, (0, pad))
 
+  f32 = at_least_f32(h.dtype)
+
   def chunk(hc, lc, wc):
-    logits = jax.lax.dot_general(hc, embedding, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    e = jnp.exp(logits - m)
-    s = jnp.sum(e, axis=-1, keepdims=True)
-    onehot = lc[:, None] == jax.lax.broadcasted_iota(lc.dtype, logits.shape, 1)
+    logits = jax.lax.dot_general(hc, embedding, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True))
+    # A gather: inside the rule this is never transposed (a masked sum would be a full pass).
     picked = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
-    loss = jnp.sum(wc * (m[:, 0] + jnp.log(s[:, 0]) - picked))
-    # d loss / d logits = w · (softmax - onehot), known here since the loss is the output.
-    dlogits = ((e * (wc[:, None] / s)) - jnp.where(onehot, wc[:, None], 0.0)).astype(h.dtype)
-    dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    nll = lse[:, 0] - picked
+    if not grads:
+      return nll, None, None
+    # d loss / d logits = w · (softmax - onehot): known here, since the loss is the output. The
+    # softmax is exp(logits - lse), not exp(logits - max) / sum: then no exp(logits - max) array is
+    # shared by the sum and this pass, so XLA fuses each exp into its consumer instead of keeping a
+    # second [rows, vocab] array (100 MB for GPT-2 small) between them.
+    onehot = lc[:, None] == jax.lax.broadcasted_iota(lc.dtype, logits.shape, 1)
+    dlogits = ((jnp.exp(logits - lse) - onehot) * wc[:, None]).astype(h.dtype)
+    dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
     de = None
     if want_de:
-      de = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return loss, dh, de
+      de = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+    return nll, dh, de
 
   if n_chunks == 1:
-    return chunk(h, labels, weights)
-  # A sequential loop, so that one chunk's logits exist at a time.
-  xs = (h.reshape(n_chunks, rows, d), labels.reshape(n_chunks, rows), weights.reshape(n_chunks, rows))
-  losses, dh = jax.lax.map(lambda xs: chunk(*xs)[:2], xs)
-  return jnp.sum(losses), dh.reshape(n_chunks * rows, d)[:n], None
+    nll, dh, de = chunk(h, labels, weights)
+  else:
+    # A sequential loop, so that one chunk's logits exist at a time.
+    xs = (h.reshape(n_chunks, rows, d), labels.reshape(n_chunks, rows), weights.reshape(n_chunks, rows))
+    nll, dh, de = jax.lax.map(lambda xs: chunk(*xs), xs)
+    nll, dh = nll.reshape(-1), None if dh is None else dh.reshape(n_chunks * rows, d)
+  return nll[:n], None if dh is None else dh[:n], de
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def _tied_head_ce(h, embedding, labels, weights):
-  return _head_ce_chunks(h, embedding, labels, weights, want_de=False)[0]
+  nll = _head_ce_chunks(h, embedding, labels, weights, grads=False, want_de=False)[0]
+  return jnp.sum(weights * nll)
 
 
-def _tied_head_ce_fwd(h, embedding, labels, weights):
-  # symbolic_zeros: `.perturbed` says whether a gradient is wanted (a frozen embedding: no).
-  want_de = embedding.perturbed
-  loss, dh, de = _head_ce_chunks(h.value, embedding.value, labels.value, weights.value, want_de)
-  dh = dh[: h.value.shape[0]].astype(h.value.dtype)
-  de = None if de is None else de.astype(embedding.value.dtype)
-  return loss, (dh, de)
+def _tied_head_ce_jvp(primals, tangents):
+  # The loss is a scalar, so its derivative is the gradient: computed here with the loss, and the
+  # tangent is its inner product with the input tangents. That is linear in the tangents, so JAX
+  # transposes it for reverse mode (the backward pass only scales the stored gradients), and it
+  # is plain JAX in the primals, so higher derivatives work too. symbolic_zeros: an input with no
+  # tangent (a frozen embedding, under LoRA) gets no gradient GEMM.
+  h, embedding, labels, weights = primals
+  t_h, t_e, _, t_w = tangents
+  want_dh, want_de = not _is_zero(t_h), not _is_zero(t_e)
+  nll, dh, de = _head_ce_chunks(h, embedding, labels, weights, grads=want_dh or want_de, want_de=want_de)
+  loss = jnp.sum(weights * nll)
+  tangent = jnp.zeros_like(loss)
+  if want_dh:
+    tangent += jnp.sum(dh * t_h.astype(dh.dtype))
+  if want_de:
+    tangent += jnp.sum(de * t_e.astype(de.dtype))
+  if not _is_zero(t_w):
+    tangent += jnp.sum(nll * t_w)
+  return loss, tangent
 
 
-def _tied_head_ce_bwd(residuals, g):
-  dh, de = residuals
-  return (g * dh).astype(dh.dtype), None if de is None else (g * de).astype(de.dtype), None, None
+def _is_zero(t) -> bool:
+  return isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
-_tied_head_ce.defvjp(_tied_head_ce_fwd, _tied_head_ce_bwd, symbolic_zeros=True)
+_tied_head_ce.defjvp(_tied_head_ce_jvp, symbolic_zeros=True)
 
 
 def tied_head_cross_entropy(
@@ -210,13 +221,13 @@ def tied_head_cross_entropy(
 
   The language-model head and the loss run fused: the logits give the loss terms and, since the
   loss is a scalar output, its gradient `w·(softmax - onehot)` right away, which is projected back
-  to `d/dh` (and, if the embedding trains, to `d/d embedding`) in the forward pass; the backward
-  pass only scales these by the incoming cotangent. The FLOPs are those of the unfused head
-  (forward GEMM, `dh` GEMM and, when the embedding trains, its gradient GEMM; nothing is
+  to `d/dh` (and, if the embedding trains, to `d/d embedding`) when the loss is differentiated; the
+  backward pass only scales these by the incoming cotangent. The FLOPs are those of the unfused
+  head (forward GEMM, `dh` GEMM and, when the embedding trains, its gradient GEMM; nothing is
   recomputed), but no `[tokens, vocab]` array is kept between the passes. With a frozen embedding
   (LoRA) its gradient GEMM is skipped and the rows go in chunks of at most 32M logits, so only one
-  chunk's logits (128 MB) exist at a time. Logits and the softmax are float32 whatever the input
-  dtype.
+  chunk's logits (128 MB) exist at a time. Logits and the softmax are float32 (float64 for float64
+  inputs) whatever the input dtype. The rule is a `jax.custom_jvp`, so `jax.jvp`, `jax.jacfwd` and `jax.grad` all work.
 
   Args:
     h: `[..., d]` final hidden states.
@@ -237,8 +248,32 @@ def tied_head_cross_entropy(
   d = h.shape[-1]
   labels = labels.reshape(-1)
   valid = labels != ignore_index
-  weights = valid.astype(jnp.float32) / jnp.sum(valid).astype(jnp.float32)
+  dtype = at_least_f32(h.dtype)
+  weights = valid.astype(dtype) / jnp.sum(valid).astype(dtype)
   return _tied_head_ce(h.reshape(-1, d), embedding, jnp.where(valid, labels, 0), weights)
+
+
+def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`jax.lax.dot_general` for `nn.Dense(dot_general=token_dot_general)`: the same product, with the
+  input's leading axes flattened into one token axis first.
+
+  Plain JAX (any autodiff mode). On CPU it lays out the kernel gradient as one
+  `[tokens, in]ᵀ·[tokens, out]` GEMM: with the batch axes apart, reverse mode yields
+  `transpose(dot(g, x))`, which XLA:CPU runs as a transposed copy of `g` and a slower GEMM.
+
+  Examples:
+    >>> x, k = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+    >>> token_dot_general(x, k, (((2,), (0,)), ((), ()))).shape
+    (2, 3, 5)
+  """
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  dot = functools.partial(
+    jax.lax.dot_general, precision=precision, preferred_element_type=preferred_element_type, **kwargs
+  )
+  if lhs_batch or rhs_batch or lhs.ndim <= 2 or tuple(lhs_contract) != (lhs.ndim - 1,):
+    return dot(lhs, rhs, dimension_numbers)
+  y = dot(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), tuple(rhs_contract)), ((), ())))
+  return y.reshape(lhs.shape[:-1] + y.shape[1:])
 
 
 def padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
@@ -262,10 +297,11 @@ def dot_product_attention(
   """Multi-head attention over `[batch, len, heads, head_dim]` arrays, grouped-query aware.
 
   `key`/`value` may have fewer heads than `query` (a divisor of it), as in grouped-query attention.
-  Softmax runs in float32, as in HF's eager and SDPA paths. Without dropout this is
-  `jax.nn.dot_product_attention` (fused kernels where the backend has them); with dropout on the
-  probabilities (training) it is the same computation written out, since that function has no
-  dropout.
+  Softmax runs in float32 (float64 for float64 inputs), as in HF's eager and SDPA paths. Without
+  dropout this is `jax.nn.dot_product_attention` with the implementation JAX picks (XLA's, which
+  both autodiff modes go through; its cuDNN kernel would be reverse-mode only); with dropout on the
+  probabilities (training), or in float64 (that function's softmax is always float32), it is the
+  same computation written out.
 
   Args:
     query: `[B, T, N, H]`.
@@ -285,7 +321,9 @@ def dot_product_attention(
     >>> dot_product_attention(q, k[:, :, :2], v[:, :, :2], scale=2 ** -0.5, is_causal=True).shape
     (1, 3, 4, 2)
   """
-  if dropout_rng is None or dropout_rate == 0.0:
+  dropout = dropout_rng is not None and dropout_rate > 0.0
+  softmax_dtype = at_least_f32(query.dtype)
+  if not dropout and softmax_dtype == jnp.float32:
     return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale, is_causal=is_causal)
 
   batch, q_len, num_heads, head_dim = query.shape
@@ -293,7 +331,7 @@ def dot_product_attention(
   groups = num_heads // num_kv_heads
   # Heads sharing a key/value head are a separate axis, so no copy of K/V is made.
   grouped = query.reshape(batch, q_len, num_kv_heads, groups, head_dim)
-  logits = jnp.einsum('btkgh,bskh->bkgts', grouped, key, preferred_element_type=jnp.float32)
+  logits = jnp.einsum('btkgh,bskh->bkgts', grouped, key, preferred_element_type=softmax_dtype)
   logits = logits * scale
   allowed = jnp.ones((q_len, kv_len), dtype=bool)
   if is_causal:
@@ -301,9 +339,11 @@ def dot_product_attention(
   allowed = allowed[None, None, None]
   if mask is not None:
     allowed = allowed & mask[:, :, None]  # [B, 1, 1, T|1, S]
-  logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+  logits = jnp.where(allowed, logits, jnp.finfo(softmax_dtype).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-  probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0).astype(value.dtype)
+  if dropout:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  probs = probs.astype(value.dtype)
   out = jnp.einsum('bkgts,bskh->btkgh', probs, value)
   return out.reshape(batch, q_len, num_heads, head_dim)

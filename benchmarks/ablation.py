@@ -11,7 +11,10 @@ Every change is plain JAX or a `jax.custom_jvp` rule, so none costs forward-mode
 Model changes (`flax_adapters/models/`):
 
 - `-fused_loss`: the loss taken from `__call__`'s logits (sliced, then `layers.cross_entropy`)
-  instead of `GPT2LMHeadModel.loss`'s fused, chunked head + cross-entropy (a custom_jvp rule).
+  instead of `GPT2LMHeadModel.loss`'s fused head + cross-entropy (a custom_jvp rule).
+- `-stream_head`: with a frozen embedding (LoRA), the fused head's loss and `d/dh` from the whole
+  `[tokens, vocab]` logits (formed, reduced, exponentiated and multiplied in separate passes)
+  instead of `layers._head_ce_streamed`'s online softmax over vocabulary tiles.
 - `-token_dot`: `nn.Dense`'s own `lax.dot_general` instead of `layers.token_dot_general` (the
   tokens flattened into one GEMM axis, so the kernel gradient is one xᵀ·g GEMM).
 - `-attention`: `jax.nn.dot_product_attention` (what GPT-2 runs on GPU) instead of the plain
@@ -53,7 +56,7 @@ import time
 from benchmarks import common
 from benchmarks.run import HERE, MALLOC, ROOT, say
 
-CHANGES = ('fused_loss', 'token_dot', 'attention', 'grad_store', 'lora_flat', 'partition')
+CHANGES = ('fused_loss', 'stream_head', 'token_dot', 'attention', 'grad_store', 'lora_flat', 'partition')
 _DOT = 'LIBRARY_FUSION_TYPE_DOT'
 XLA_OPTIONS = {
   'no_ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
@@ -76,6 +79,25 @@ def _lora_einsums(specs, scale, x, a, b):
   return jnp.einsum(f'{ts},{bs}->{ys}', t, b)
 
 
+def _head_ce_unstreamed(h, embedding, labels, weights, *, grads):
+  """The fused head's loss and d/dh from the whole logits (what `-stream_head` runs)."""
+  import jax
+  import jax.numpy as jnp
+
+  from flax_adapters.models.layers import at_least_f32
+
+  f32 = at_least_f32(h.dtype)
+  logits = jax.lax.dot_general(h, embedding, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  lse = m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True))
+  nll = lse[:, 0] - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  if not grads:
+    return nll, None
+  onehot = labels[:, None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
+  dlogits = ((jnp.exp(logits - lse) - onehot) * weights[:, None]).astype(h.dtype)
+  return nll, jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+
+
 def _patched(off: set):
   """Context manager that undoes the changes in `off` (module globals are read at trace time)."""
   import contextlib
@@ -87,7 +109,13 @@ def _patched(off: set):
 
   @contextlib.contextmanager
   def ctx():
-    saved = dict(dense=gpt2._dense, att=gpt2.causal_attention, res=gpt2._residual, fac=lora._factored)
+    saved = dict(
+      dense=gpt2._dense,
+      att=gpt2.causal_attention,
+      res=gpt2._residual,
+      fac=lora._factored,
+      head=layers._head_ce_streamed,
+    )
     try:
       if 'token_dot' in off:
         gpt2._dense = lambda features, name, dtype, param_dtype: nn.Dense(
@@ -102,11 +130,13 @@ def _patched(off: set):
         gpt2.causal_attention = attention
       if 'grad_store' in off:
         gpt2._residual = lambda x: x
+      if 'stream_head' in off:
+        layers._head_ce_streamed = _head_ce_unstreamed
       if 'lora_flat' in off:
         lora._factored = _lora_einsums
       yield
     finally:
-      lora._factored = saved['fac']
+      lora._factored, layers._head_ce_streamed = saved['fac'], saved['head']
       gpt2._dense, gpt2.causal_attention, gpt2._residual = saved['dense'], saved['att'], saved['res']
 
   return ctx()
@@ -244,7 +274,7 @@ def main(argv=None):
     for malloc in args.malloc.split(','):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
-        configs = [c for c in chosen if mode == 'lora' or c != '-lora_flat']
+        configs = [c for c in chosen if mode == 'lora' or c not in ('-lora_flat', '-stream_head')]
         if 'all' not in configs:
           configs.insert(0, 'all')
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')

@@ -123,66 +123,82 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -
   return jnp.sum(weights * (jax.nn.logsumexp(x, axis=-1) - picked))
 
 
-# Logits per chunk in `tied_head_cross_entropy`: 32M (128 MB in float32). GPT-2 small at 4 x 128
-# tokens (25M logits) is one chunk; smaller chunks (fewer rows) cost GEMM efficiency on CPU (-3%
-# of the LoRA step at 2 chunks of 254 rows) for ~95 MB less memory.
-_CHUNK_LOGITS = 1 << 25
+# Vocabulary rows per tile when only the loss and d/dh are wanted (`_head_ce_streamed`): the
+# [tokens, tile] logits of GPT-2 small at 4 x 128 tokens are 4 MB, so they stay in cache between
+# the GEMM that makes them and the GEMM that uses them (1024-4096 measure alike on the benchmark's
+# machine; 8192 is slower).
+_VOCAB_TILE = 2048
 
 
-def _head_ce_chunks(h, embedding, labels, weights, *, grads: bool, want_de: bool):
-  """Per-row losses, and with `grads` d loss/d h and (if `want_de`) d loss/d embedding.
+def _head_ce_streamed(h, embedding, labels, weights, *, grads: bool):
+  """Per-row losses and, with `grads`, d loss/d h, a vocabulary tile at a time (frozen embedding).
 
-  The rows go a chunk at a time (at most `_CHUNK_LOGITS` logits each), so only one chunk's logits
-  exist at a time. With `want_de` the rows form one chunk, so the embedding gradient is one GEMM
-  over all rows (accumulating it chunk by chunk costs a zeroed and a re-read `[vocab, d]` buffer
-  per chunk).
+  An online softmax, as in flash attention: each tile's logits update the running row max `m`,
+  the running sum `s` of `exp(logits - m)`, and the running `acc = Σ exp(logits - m)·E_tile`,
+  rescaled when `m` grows. At the end `lse = m + log s` and `d loss/d h = w·(acc/s - E[label])`,
+  since `softmax·E = acc/s`. The FLOPs are those of the unfused head (the logits GEMM and the `dh`
+  GEMM), but no `[tokens, vocab]` array is ever written: one pass over cached tiles instead of
+  four over the 100 MB logits of GPT-2 small (`-stream_head` in benchmarks/README.md's ablation).
   """
   n, d = h.shape
   vocab = embedding.shape[0]
-  n_chunks = 1 if want_de else max(1, -(-n * vocab // _CHUNK_LOGITS))
-  rows = -(-n // n_chunks)
-  pad = n_chunks * rows - n
-  if pad:
-    h = jnp.pad(h, ((0, pad), (0, 0)))
-    labels = jnp.pad(labels, (0, pad))
-    weights = jnp.pad(weights, (0, pad))
-
   f32 = at_least_f32(h.dtype)
+  tile = min(_VOCAB_TILE, vocab)
+  full_tiles = vocab // tile
 
-  def chunk(hc, lc, wc):
-    logits = jax.lax.dot_general(hc, embedding, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-    m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    lse = m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True))
-    # A gather: inside the rule this is never transposed (a masked sum would be a full pass).
-    picked = jnp.take_along_axis(logits, lc[:, None], axis=-1)[:, 0]
-    nll = lse[:, 0] - picked
-    if not grads:
-      return nll, None, None
-    # d loss / d logits = w · (softmax - onehot): known here, since the loss is the output. The
-    # softmax is exp(logits - lse), not exp(logits - max) / sum: then no exp(logits - max) array is
-    # shared by the sum and this pass, so XLA fuses each exp into its consumer instead of keeping a
-    # second [rows, vocab] array (100 MB for GPT-2 small) between them.
-    onehot = lc[:, None] == jax.lax.broadcasted_iota(lc.dtype, logits.shape, 1)
-    dlogits = ((jnp.exp(logits - lse) - onehot) * wc[:, None]).astype(h.dtype)
-    dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
-    de = None
-    if want_de:
-      de = jax.lax.dot_general(dlogits, hc, (((0,), (0,)), ((), ())), preferred_element_type=f32)
-    return nll, dh, de
+  def update(carry, e_tile):
+    m, s, acc = carry
+    logits = jax.lax.dot_general(h, e_tile, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+    m_new = jnp.maximum(m, jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    rescale = jnp.exp(m - m_new)
+    p = jnp.exp(logits - m_new)
+    s = s * rescale + jnp.sum(p, axis=-1, keepdims=True)
+    if grads:
+      acc = acc * rescale + jnp.dot(p.astype(h.dtype), e_tile, preferred_element_type=f32)
+    return m_new, s, acc
 
-  if n_chunks == 1:
-    nll, dh, de = chunk(h, labels, weights)
-  else:
-    # A sequential loop, so that one chunk's logits exist at a time.
-    xs = (h.reshape(n_chunks, rows, d), labels.reshape(n_chunks, rows), weights.reshape(n_chunks, rows))
-    nll, dh, de = jax.lax.map(lambda xs: chunk(*xs), xs)
-    nll, dh = nll.reshape(-1), None if dh is None else dh.reshape(n_chunks * rows, d)
-  return nll[:n], None if dh is None else dh[:n], de
+  # The lowest finite value, not -inf: exp(m - m_new) is then 0 with a finite derivative.
+  carry = (jnp.full((n, 1), jnp.finfo(f32).min, f32), jnp.zeros((n, 1), f32), jnp.zeros((n, d) if grads else (), f32))
+  carry = jax.lax.fori_loop(
+    0, full_tiles, lambda i, c: update(c, jax.lax.dynamic_slice_in_dim(embedding, i * tile, tile)), carry
+  )
+  if full_tiles * tile < vocab:
+    carry = update(carry, embedding[full_tiles * tile :])
+  m, s, acc = carry
+  lse = m + jnp.log(s)
+  e_label = jnp.take(embedding, labels, axis=0).astype(f32)
+  nll = lse[:, 0] - jnp.sum(h.astype(f32) * e_label, axis=-1)
+  if not grads:
+    return nll, None
+  return nll, (acc / s - e_label) * weights[:, None]
+
+
+def _head_ce_logits(h, embedding, labels, weights):
+  """Per-row losses, d loss/d h and d loss/d embedding, from the whole `[tokens, vocab]` logits.
+
+  The embedding's gradient `dlogitsᵀ·h` needs the final softmax of every row, so here the logits
+  are formed once and kept (a streamed pass would have to compute them twice).
+  """
+  f32 = at_least_f32(h.dtype)
+  logits = jax.lax.dot_general(h, embedding, (((1,), (1,)), ((), ())), preferred_element_type=f32)
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  lse = m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True))
+  # A gather: inside the rule this is never transposed (a masked sum would be a full pass).
+  nll = lse[:, 0] - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
+  # d loss / d logits = w · (softmax - onehot): known here, since the loss is the output. The
+  # softmax is exp(logits - lse), not exp(logits - max) / sum: then no exp(logits - max) array is
+  # shared by the sum and this pass, so XLA fuses each exp into its consumer instead of keeping a
+  # second [rows, vocab] array (100 MB for GPT-2 small) between them.
+  onehot = labels[:, None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
+  dlogits = ((jnp.exp(logits - lse) - onehot) * weights[:, None]).astype(h.dtype)
+  dh = jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+  de = jax.lax.dot_general(dlogits, h, (((0,), (0,)), ((), ())), preferred_element_type=f32)
+  return nll, dh, de
 
 
 @jax.custom_jvp
 def _tied_head_ce(h, embedding, labels, weights):
-  nll = _head_ce_chunks(h, embedding, labels, weights, grads=False, want_de=False)[0]
+  nll = _head_ce_streamed(h, embedding, labels, weights, grads=False)[0]
   return jnp.sum(weights * nll)
 
 
@@ -195,7 +211,10 @@ def _tied_head_ce_jvp(primals, tangents):
   h, embedding, labels, weights = primals
   t_h, t_e, _, t_w = tangents
   want_dh, want_de = not _is_zero(t_h), not _is_zero(t_e)
-  nll, dh, de = _head_ce_chunks(h, embedding, labels, weights, grads=want_dh or want_de, want_de=want_de)
+  if want_de:
+    nll, dh, de = _head_ce_logits(h, embedding, labels, weights)
+  else:
+    (nll, dh), de = _head_ce_streamed(h, embedding, labels, weights, grads=want_dh), None
   loss = jnp.sum(weights * nll)
   tangent = jnp.zeros_like(loss)
   if want_dh:
@@ -225,9 +244,10 @@ def tied_head_cross_entropy(
   backward pass only scales these by the incoming cotangent. The FLOPs are those of the unfused
   head (forward GEMM, `dh` GEMM and, when the embedding trains, its gradient GEMM; nothing is
   recomputed), but no `[tokens, vocab]` array is kept between the passes. With a frozen embedding
-  (LoRA) its gradient GEMM is skipped and the rows go in chunks of at most 32M logits, so only one
-  chunk's logits (128 MB) exist at a time. Logits and the softmax are float32 (float64 for float64
-  inputs) whatever the input dtype. The rule is a `jax.custom_jvp`, so `jax.jvp`, `jax.jacfwd` and `jax.grad` all work.
+  (LoRA) its gradient GEMM is skipped and the vocabulary goes a tile at a time (an online softmax),
+  so no `[tokens, vocab]` array is formed at all. Logits and the softmax are float32 (float64 for
+  float64 inputs) whatever the input dtype. The rule is a `jax.custom_jvp`, so `jax.jvp`,
+  `jax.jacfwd` and `jax.grad` all work.
 
   Args:
     h: `[..., d]` final hidden states.

@@ -1,7 +1,8 @@
 """The flax GPT-2 training loss and its gradients equal HF's `model(ids, labels=labels).loss.backward()`.
 
-`GPT2LMHeadModel.loss` runs the fast paths (custom-VJP Dense and tied head, the fused chunked
-head + cross-entropy, the stored residual-stream gradient); torch's autograd is the reference.
+`GPT2LMHeadModel.loss` runs the fast paths (the token-flattened Dense, the fused head +
+cross-entropy, streamed over vocabulary tiles when the embedding is frozen, the stored
+residual-stream gradient); torch's autograd is the reference.
 """
 
 import jax
@@ -26,10 +27,10 @@ def torch_loss_and_grads(hf, ids, labels):
 
 
 @pytest.mark.parametrize('overrides', [{}, {'tie_word_embeddings': False}], ids=['tied', 'untied'])
-@pytest.mark.parametrize('chunk', [None, 200], ids=['one_chunk', 'chunked'])
-def test_loss_and_every_gradient_match_torch(overrides, chunk, rng, monkeypatch):
-  if chunk:  # force several chunks in the fused head + loss
-    monkeypatch.setattr(layers, '_CHUNK_LOGITS', chunk)
+@pytest.mark.parametrize('tile', [None, 16], ids=['one_tile', 'tiles'])
+def test_loss_and_every_gradient_match_torch(overrides, tile, rng, monkeypatch):
+  if tile:  # several vocabulary tiles and a remainder in the streamed head (where it is taken)
+    monkeypatch.setattr(layers, '_VOCAB_TILE', tile)
   hf = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides).train()
   config, params = convert(hf)
   model = FAMILY.flax_model(config)
@@ -47,9 +48,11 @@ def test_loss_and_every_gradient_match_torch(overrides, chunk, rng, monkeypatch)
     np.testing.assert_allclose(np.asarray(ours[key]), ref, atol=TOL, rtol=1e-4, err_msg=key)
 
 
-def test_frozen_embedding_takes_the_chunked_path_and_matches_torch(rng, monkeypatch):
+@pytest.mark.parametrize('tile', [None, 16], ids=['one_tile', 'tiles'])
+def test_frozen_embedding_takes_the_streamed_path_and_matches_torch(tile, rng, monkeypatch):
   """LoRA: the embedding (tied head) is frozen, so its gradient is never formed; the rest agrees."""
-  monkeypatch.setattr(layers, '_CHUNK_LOGITS', 200)
+  if tile:
+    monkeypatch.setattr(layers, '_VOCAB_TILE', tile)
   hf = tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
   config, params = convert(hf)
   model = FAMILY.flax_model(config)

@@ -80,9 +80,9 @@ def test_cross_entropy_equals_optax_with_ignored_labels():
   assert abs(float(a) - float(b)) < 1e-6 and _max_diff(ga, gb) < 1e-6
 
 
-@pytest.mark.parametrize('chunk', [1 << 24, 40], ids=['one_chunk', 'chunked'])
-def test_tied_head_cross_entropy_equals_the_unfused_loss(chunk, monkeypatch):
-  monkeypatch.setattr(layers, '_CHUNK_LOGITS', chunk)
+@pytest.mark.parametrize('tile', [1 << 11, 5, 13], ids=['one_tile', 'tiles_and_remainder', 'exact_tiles'])
+def test_tied_head_cross_entropy_equals_the_unfused_loss(tile, monkeypatch):
+  monkeypatch.setattr(layers, '_VOCAB_TILE', tile)
   h = jax.random.normal(jax.random.key(0), (2, 7, 6))
   emb = jax.random.normal(jax.random.key(1), (13, 6))
   labels = jax.random.randint(jax.random.key(2), (2, 7), 0, 13).at[1, 3].set(-100)
@@ -90,7 +90,7 @@ def test_tied_head_cross_entropy_equals_the_unfused_loss(chunk, monkeypatch):
   fused = lambda h, e: layers.tied_head_cross_entropy(h, e, labels)
   (a, ga), (b, gb) = (jax.value_and_grad(f, argnums=(0, 1))(h, emb) for f in (fused, ref))
   assert abs(float(a) - float(b)) < 1e-5 and _max_diff(ga, gb) < 1e-5
-  # A frozen embedding (only d/dh wanted) goes through the chunked path.
+  # A frozen embedding (only d/dh wanted) goes through the streamed path.
   assert _max_diff(jax.grad(fused)(h, emb), jax.grad(ref)(h, emb)) < 1e-5
   # Under a scaled cotangent the gradients scale.
   g2 = jax.grad(lambda h: 3.0 * fused(h, emb))(h)

@@ -17,6 +17,7 @@ import pytest
 
 import flax_adapters as fa
 from flax_adapters.genomics.seq2func import Seq2Func, Seq2FuncConfig
+from flax_adapters.models import layers
 from flax_adapters.models.bert import BertConfig, BertModel
 from flax_adapters.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from flax_adapters.models.llama import LlamaConfig, LlamaForCausalLM
@@ -128,9 +129,13 @@ def test_jvp_equals_finite_difference(name, adapted):
     _check_jvp_against_finite_difference(f, primal, _random_like(primal, jax.random.key(1)))
 
 
-def test_fused_gpt2_loss_jacfwd_equals_jacrev():
+@pytest.mark.parametrize('tile', [None, 8], ids=['one_tile', 'tiles'])
+def test_fused_gpt2_loss_jacfwd_equals_jacrev(tile, monkeypatch):
   """`jax.jacfwd` (vmapped jvp, so the custom_jvp rule is batched) equals `jax.jacrev` on the
-  fused head + loss, for a trained embedding and for the final hidden states."""
+  fused head + loss with the token embedding frozen (the streamed head; with `tile`, several
+  vocabulary tiles and a remainder)."""
+  if tile:
+    monkeypatch.setattr(layers, '_VOCAB_TILE', tile)
   with jax.enable_x64(True):
     model, _ = _gpt2()
     (ids,) = _token_inputs()[:1]

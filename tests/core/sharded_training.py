@@ -8,6 +8,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 from jax.sharding import AxisType
@@ -37,12 +38,16 @@ def base_spec(path, leaf):
   return P()
 
 
-def main():
-  if jax.device_count() != 8:
-    raise SystemExit('run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
+def problem():
+  """The adapters both sharded runs train: the test net, a batch, targets, LoRA/IA3/Houlsby, Adam.
+
+  Returns `(adapted, p0, tx, step, x, target)` as host (numpy) values, identical in every process.
+  """
   model, params, _ = net.make()
-  x = jax.random.normal(jax.random.key(3), (8, net.L, net.C_IN))
-  target = jax.tree.map(lambda o: jax.random.normal(jax.random.key(4), o.shape), model.apply({'params': params}, x))
+  x = np.asarray(jax.random.normal(jax.random.key(3), (8, net.L, net.C_IN)))
+  target = jax.tree.map(
+    lambda o: np.asarray(jax.random.normal(jax.random.key(4), o.shape)), model.apply({'params': params}, x)
+  )
   cfg = fa.TransferConfig(
     mode=['lora', 'ia3', 'houlsby'],
     lora_rank=4,
@@ -51,7 +56,7 @@ def main():
     ia3_ff_targets=['fc2'],
   )
   adapted, p0 = fa.prepare_for_transfer(model, params, cfg, x)
-  p0 = jax.tree.map(lambda v: v, p0)
+  p0 = jax.tree.map(np.asarray, p0)
   tx = fa.transfer_optimizer(optax.adam(1e-2), fa.trainable_mask(adapted, p0))
 
   def loss_fn(p, x, target):
@@ -63,15 +68,27 @@ def main():
     updates, s = tx.update(g, s, p)
     return optax.apply_updates(p, updates), s, loss
 
-  # One device.
+  return adapted, p0, tx, step, x, target
+
+
+def train_on_one_device(device, tx, step, p0, x, target):
+  """`STEPS` jitted steps on `device`: the reference losses."""
   single = jax.jit(step)
-  p, s = p0, tx.init(p0)
-  losses_1 = []
+  p, s = jax.device_put(p0, device), jax.device_put(tx.init(p0), device)
+  x, target = jax.device_put(x, device), jax.device_put(target, device)
+  losses = []
   for _ in range(STEPS):
     p, s, loss = single(p, s, x, target)
-    losses_1.append(float(loss))
+    losses.append(float(loss))
+  return losses
 
-  # A (data=4, model=2) mesh: batch over 'data', heads and MLP hidden over 'model'.
+
+def train_on_mesh(adapted, tx, step, p0, x, target):
+  """`STEPS` steps on a (data=4, model=2) mesh of the 8 devices (local or across processes): batch
+  over 'data', heads and MLP hidden over 'model', the adapters sharded like their base kernels.
+
+  Returns the trained params, the optimizer state and the losses.
+  """
   mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto, AxisType.Auto))
   specs = fa.partition_specs(adapted, p0, base_spec)
   param_sh = fa.named_shardings(mesh, specs)
@@ -86,10 +103,19 @@ def main():
     donate_argnums=(0, 1),
   )
   xs, ts = jax.device_put(x, data_sh), jax.device_put(target, data_sh)
-  losses_8 = []
+  losses = []
   for _ in range(STEPS):
     p, s, loss = sharded(p, s, xs, ts)
-    losses_8.append(float(loss))
+    losses.append(float(loss))
+  return p, s, losses
+
+
+def main():
+  if jax.device_count() != 8:
+    raise SystemExit('run with XLA_FLAGS=--xla_force_host_platform_device_count=8')
+  adapted, p0, tx, step, x, target = problem()
+  losses_1 = train_on_one_device(jax.devices()[0], tx, step, p0, x, target)
+  p, s, losses_8 = train_on_mesh(adapted, tx, step, p0, x, target)
 
   flat = traverse_util.flatten_dict(p)
   adapter_specs = {'/'.join(k): str(v.sharding.spec) for k, v in flat.items() if k[-1] in fa.methods.LEAF_NAMES}

@@ -19,10 +19,10 @@ import flax_adapters as fa
 from flax_adapters.genomics.alphagenome import AlphaGenome, AlphaGenomeConfig, random_variables
 from flax_adapters.genomics.alphagenome.heads import predictions_scaling, splice_site_positions, targets_scaling
 from flax_adapters.paths import dotted
+from tests.adapter_guide import GUIDE, NEW
 
 C = AlphaGenomeConfig.tiny()
 MODEL = AlphaGenome(C)
-NEW = {'my_atac': {'modality': 'atac', 'num_tracks': 4}}
 W, Q, V, NB = C.trunk_width, C.num_heads * C.qk_dim, C.v_dim, C.num_blocks
 PAIR_BLOCKS = (NB + 1) // 2
 
@@ -233,72 +233,14 @@ def houlsby(features, latent=8):
 
 # (config verbatim from the adapter guide, the adapters it adds at this width)
 SEED = {
-  'linear': (dict(mode='linear', remove_heads=['atac', 'dnase'], new_heads=NEW), 0),
-  'lora': (
-    dict(
-      mode='lora',
-      lora_rank=8,
-      lora_alpha=16,
-      lora_targets=['q_proj', 'v_proj'],
-      remove_heads=['atac', 'dnase'],
-      new_heads=NEW,
-    ),
-    lora(8),
-  ),
-  'locon4': (
-    dict(
-      mode=['lora', 'locon'],
-      lora_targets=['q_proj', 'v_proj'],
-      locon_rank=4,
-      locon_alpha=1,
-      locon_targets=['down_blocks.4', 'down_blocks.5'],
-      remove_heads=['atac'],
-      new_heads=NEW,
-    ),
-    lora(8) + locon(4, 4) + locon(5, 4),
-  ),
-  'ia3': (
-    dict(mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2'], remove_heads=['atac'], new_heads=NEW),
-    NB * (C.qk_dim + V + C.mlp_ratio * W),
-  ),
+  'linear': (GUIDE['linear'], 0),
+  'lora': (GUIDE['lora'], lora(8)),
+  'locon4': (GUIDE['lora+locon4'], lora(8) + locon(4, 4) + locon(5, 4)),
+  'ia3': (GUIDE['ia3'], NB * (C.qk_dim + V + C.mlp_ratio * W)),
   # 'mlp' also matches the pair stack's `pair_update.pair_mlp` (see test_alphagenome_port.py).
-  'houlsby-block': (
-    dict(
-      mode='houlsby',
-      houlsby_latent_dim=8,
-      houlsby_placement='block',
-      houlsby_targets=['mha', 'mlp'],
-      unfreeze_norm=True,
-      remove_heads=['atac'],
-      new_heads=NEW,
-    ),
-    2 * NB * houlsby(W) + PAIR_BLOCKS * houlsby(C.pair_width),
-  ),
-  'houlsby-linear': (
-    dict(
-      mode='houlsby',
-      houlsby_latent_dim=8,
-      houlsby_placement='linear',
-      houlsby_targets=['q_proj', 'v_proj'],
-      remove_heads=['atac'],
-      new_heads=NEW,
-    ),
-    NB * (houlsby(Q) + houlsby(V)),
-  ),
-  'combined': (
-    dict(
-      mode=['lora', 'locon'],
-      lora_rank=8,
-      lora_alpha=16,
-      lora_targets=['q_proj', 'v_proj'],
-      locon_rank=4,
-      locon_alpha=1,
-      locon_targets=['down_blocks.5'],
-      remove_heads=['atac', 'dnase'],
-      new_heads=NEW,
-    ),
-    lora(8) + locon(5, 4),
-  ),
+  'houlsby-block': (GUIDE['houlsby-block'], 2 * NB * houlsby(W) + PAIR_BLOCKS * houlsby(C.pair_width)),
+  'houlsby-linear': (GUIDE['houlsby-linear'], NB * (houlsby(Q) + houlsby(V))),
+  'combined': (GUIDE['combined'], lora(8) + locon(5, 4)),
 }
 
 

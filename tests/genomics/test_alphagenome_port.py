@@ -48,12 +48,12 @@ import flax_adapters as fa
 from conversion import alphagenome as ca
 from flax_adapters.genomics.alphagenome import AlphaGenome, AlphaGenomeConfig
 from flax_adapters.genomics.alphagenome.heads import SpliceJunctionsHead, splice_site_positions
+from tests.adapter_guide import GUIDE, NEW
 from tests.genomics.alphagenome_port import output_errors, port_model_sharing, random_port_model, relative_error
 
 torch.set_num_threads(2)
 MODEL = AlphaGenome()
 HEADS = tuple(n for n in MODEL.heads if n != 'splice_junctions')
-NEW = {'my_atac': {'modality': 'atac', 'num_tracks': 4}}
 TOL = 1e-4
 
 
@@ -150,44 +150,8 @@ def test_export_loads_strictly_into_the_port_bit_for_bit(real):
 # -- the adapter guide, side by side ---------------------------------------------------------------
 
 SEED = {  # verbatim from the guide
-  'linear': dict(mode='linear', remove_heads=['atac', 'dnase'], new_heads=NEW),
-  'lora': dict(
-    mode='lora',
-    lora_rank=8,
-    lora_alpha=16,
-    lora_targets=['q_proj', 'v_proj'],
-    remove_heads=['atac', 'dnase'],
-    new_heads=NEW,
-  ),
-  'ia3': dict(
-    mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2'], remove_heads=['atac'], new_heads=NEW
-  ),
-  'houlsby-block': dict(
-    mode='houlsby',
-    houlsby_latent_dim=8,
-    houlsby_placement='block',
-    houlsby_targets=['mha', 'mlp'],
-    unfreeze_norm=True,
-    remove_heads=['atac'],
-    new_heads=NEW,
-  ),
-  'houlsby-linear': dict(
-    mode='houlsby',
-    houlsby_latent_dim=8,
-    houlsby_placement='linear',
-    houlsby_targets=['q_proj', 'v_proj'],
-    remove_heads=['atac'],
-    new_heads=NEW,
-  ),
-  'locon4': dict(
-    mode=['lora', 'locon'],
-    lora_targets=['q_proj', 'v_proj'],
-    locon_rank=4,
-    locon_alpha=1,
-    locon_targets=['down_blocks.4', 'down_blocks.5'],
-    remove_heads=['atac'],
-    new_heads=NEW,
-  ),
+  **{name: GUIDE[name] for name in ('linear', 'lora', 'ia3', 'houlsby-block', 'houlsby-linear')},
+  'locon4': GUIDE['lora+locon4'],
   # Every adapter at once (the guide: any subset combines), Locon where the installed port runs it: the
   # decoder's plain 1x1 convs.
   'lora+locon+ia3+houlsby': dict(

@@ -14,17 +14,12 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 from jax.experimental import multihost_utils
-from jax.sharding import AxisType
-from jax.sharding import PartitionSpec as P
 
 import flax_adapters as fa
-from tests.core import testnet as net
-from tests.core.sharded_training import STEPS, base_spec
+from tests.core.sharded_training import problem, train_on_mesh, train_on_one_device
 
 
 def initialize(process_id: int, port: int) -> None:
@@ -40,59 +35,11 @@ def main():
   process_id, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
   initialize(process_id, port)
   assert jax.process_count() == 2 and jax.device_count() == 8 and jax.local_device_count() == 4
-  model, params, _ = net.make()
-  x = np.asarray(jax.random.normal(jax.random.key(3), (8, net.L, net.C_IN)))
-  target = jax.tree.map(
-    lambda o: np.asarray(jax.random.normal(jax.random.key(4), o.shape)), model.apply({'params': params}, x)
-  )
-  cfg = fa.TransferConfig(
-    mode=['lora', 'ia3', 'houlsby'],
-    lora_rank=4,
-    lora_targets=['q_proj', 'v_proj', 'o_proj', 'fc1'],
-    ia3_targets=['k_proj'],
-    ia3_ff_targets=['fc2'],
-  )
-  adapted, p0 = fa.prepare_for_transfer(model, params, cfg, x)
-  p0 = jax.tree.map(np.asarray, p0)  # host values, identical in both processes
-  tx = fa.transfer_optimizer(optax.adam(1e-2), fa.trainable_mask(adapted, p0))
-
-  def loss_fn(p, x, target):
-    out = adapted.apply({'params': p}, x)
-    return sum(jnp.mean((out[k] - target[k]) ** 2) for k in out)
-
-  def step(p, s, x, target):
-    loss, g = jax.value_and_grad(loss_fn)(p, x, target)
-    updates, s = tx.update(g, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  # The same training on one device of this process: the reference.
-  local = jax.local_devices()[0]
-  single = jax.jit(step)
-  p, s = jax.device_put(p0, local), jax.device_put(tx.init(p0), local)
-  losses_1 = []
-  for _ in range(STEPS):
-    p, s, loss = single(p, s, jax.device_put(x, local), jax.device_put(target, local))
-    losses_1.append(float(loss))
-
-  # The global mesh over both processes' devices, shardings from the base kernels.
-  mesh = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto, AxisType.Auto))
-  specs = fa.partition_specs(adapted, p0, base_spec)
-  param_sh = fa.named_shardings(mesh, specs)
-  state_sh = fa.optimizer_shardings(tx, p0, mesh, specs)
-  data_sh = jax.sharding.NamedSharding(mesh, P('data'))
-  p = fa.shard_params(p0, mesh, specs)
-  s = jax.jit(tx.init, out_shardings=state_sh)(p)
-  sharded = jax.jit(
-    step,
-    in_shardings=(param_sh, state_sh, data_sh, data_sh),
-    out_shardings=(param_sh, state_sh, None),
-    donate_argnums=(0, 1),
-  )
-  xs, ts = jax.device_put(x, data_sh), jax.device_put(target, data_sh)
-  losses_8 = []
-  for _ in range(STEPS):
-    p, s, loss = sharded(p, s, xs, ts)
-    losses_8.append(float(loss))
+  adapted, p0, tx, step, x, target = problem()
+  # The same training on one device of this process: the reference; then on the global mesh over
+  # both processes' devices, shardings from the base kernels.
+  losses_1 = train_on_one_device(jax.local_devices()[0], tx, step, p0, x, target)
+  p, _, losses_8 = train_on_mesh(adapted, tx, step, p0, x, target)
 
   # An adapter checkpoint from both processes; process 0 decides, writes the metadata and swaps it in.
   path = os.path.join(out, 'ckpt')

@@ -13,8 +13,8 @@ from flax import traverse_util
 
 import flax_adapters as fa
 from flax_adapters.genomics.seq2func import Seq2Func, Seq2FuncConfig
+from tests.adapter_guide import GUIDE, NEW
 
-NEW = {'my_atac': {'modality': 'atac', 'num_tracks': 4}}
 C = Seq2FuncConfig.tiny()
 W, A, HM, NB, HH = C.width, C.num_heads * C.head_dim, C.mlp_ratio * C.width, C.num_blocks, C.head_hidden
 INS = (C.stem_channels,) + C.down_channels[:-1]
@@ -42,72 +42,17 @@ def houlsby(features, latent, n):
   return n * (2 * features * latent + latent + features)
 
 
-SEED_EXAMPLES = {
-  'linear': (dict(mode='linear', remove_heads=['atac', 'dnase'], new_heads=NEW), NEW_HEAD + KEPT_HEAD),
-  'lora': (
-    dict(
-      mode='lora',
-      lora_rank=8,
-      lora_alpha=16,
-      lora_targets=['q_proj', 'v_proj'],
-      remove_heads=['atac', 'dnase'],
-      new_heads=NEW,
-    ),
-    NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8),
-  ),
+SEED_EXAMPLES = {  # the guide's configuration, the trainable count it must give on the reference model
+  'linear': (GUIDE['linear'], NEW_HEAD + KEPT_HEAD),
+  'lora': (GUIDE['lora'], NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8)),
   'lora+locon4': (
-    dict(
-      mode=['lora', 'locon'],
-      lora_targets=['q_proj', 'v_proj'],
-      locon_rank=4,
-      locon_alpha=1,
-      locon_targets=['down_blocks.4', 'down_blocks.5'],
-      remove_heads=['atac'],
-      new_heads=NEW,
-    ),
+    GUIDE['lora+locon4'],
     NEW_HEAD + 2 * KEPT_HEAD + NORMS + lora_qv(8) + locon_block(4, 4) + locon_block(5, 4),
   ),
-  'ia3': (
-    dict(mode='ia3', ia3_targets=['k_proj', 'v_proj'], ia3_ff_targets=['fc2'], remove_heads=['atac'], new_heads=NEW),
-    NEW_HEAD + 2 * KEPT_HEAD + NORMS + IA3_KV_FC2,
-  ),
-  'houlsby-block': (
-    dict(
-      mode='houlsby',
-      houlsby_latent_dim=8,
-      houlsby_placement='block',
-      houlsby_targets=['mha', 'mlp'],
-      unfreeze_norm=True,
-      remove_heads=['atac'],
-      new_heads=NEW,
-    ),
-    NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(W, 8, 2 * NB),
-  ),
-  'houlsby-linear': (
-    dict(
-      mode='houlsby',
-      houlsby_latent_dim=8,
-      houlsby_placement='linear',
-      houlsby_targets=['q_proj', 'v_proj'],
-      remove_heads=['atac'],
-      new_heads=NEW,
-    ),
-    NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(A, 8, 2 * NB),
-  ),
-  'combined': (
-    dict(
-      mode=['lora', 'locon'],
-      lora_rank=8,
-      lora_alpha=16,
-      lora_targets=['q_proj', 'v_proj'],
-      locon_rank=4,
-      locon_alpha=1,
-      locon_targets=['down_blocks.5'],
-      remove_heads=['atac', 'dnase'],
-      new_heads=NEW,
-    ),
-    NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8) + locon_block(5, 4),
-  ),
+  'ia3': (GUIDE['ia3'], NEW_HEAD + 2 * KEPT_HEAD + NORMS + IA3_KV_FC2),
+  'houlsby-block': (GUIDE['houlsby-block'], NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(W, 8, 2 * NB)),
+  'houlsby-linear': (GUIDE['houlsby-linear'], NEW_HEAD + 2 * KEPT_HEAD + NORMS + houlsby(A, 8, 2 * NB)),
+  'combined': (GUIDE['combined'], NEW_HEAD + KEPT_HEAD + NORMS + lora_qv(8) + locon_block(5, 4)),
 }
 
 

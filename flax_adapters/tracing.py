@@ -215,7 +215,7 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
   )
   kernel_shape = shapes.get('kernel')
   if kind in LINEAR_KINDS and kernel_shape is not None:
-    options = ()
+    options, odd = (), ''
     if kind == 'dense':
       ks, fin, fout = 'AB', 'A', 'B'
       bias = fout
@@ -241,16 +241,6 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
       options = (('einsum_str', einsum_str.replace(' ', '')),)
       odd = ''.join(k for k in ks if k not in fin + fout)
       bias = ''.join(k for k in c.y if k in ks)
-      return Site(
-        **common,
-        kernel=ks,
-        feature_in=fin,
-        feature_out=fout,
-        bias=bias,
-        sizes=tuple(zip(ks, kernel_shape)),
-        unsupported_letters=odd,
-        options=options,
-      )
     return Site(
       **common,
       kernel=ks,
@@ -258,6 +248,7 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
       feature_out=fout,
       bias=bias,
       sizes=tuple(zip(ks, kernel_shape)),
+      unsupported_letters=odd,
       options=options,
     )
   if kind == 'conv' and kernel_shape is not None:

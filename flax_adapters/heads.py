@@ -17,18 +17,48 @@ from flax import linen as nn
 HEADS_KEY = 'heads'
 
 
+def head_items(heads, *, what: str = 'heads') -> list[tuple[str, object]]:
+  """`heads` (a mapping, or a sequence of `(name, spec)` pairs) as a list of `(name, spec)` pairs.
+
+  Names are checked: non-empty strings without `/` or `.` (they become param-path keys), each
+  given once. `what` names the argument in the errors.
+
+  Examples:
+    >>> head_items([('my_atac', {'modality': 'atac', 'num_tracks': 4})])
+    [('my_atac', {'modality': 'atac', 'num_tracks': 4})]
+  """
+  if isinstance(heads, Mapping):
+    items = list(heads.items())
+  elif (
+    isinstance(heads, Sequence)
+    and not isinstance(heads, str)
+    and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in heads)
+  ):
+    items = [tuple(p) for p in heads]
+  else:
+    raise TypeError(
+      f'`{what}` must map head names to specs (a dict or (name, spec) pairs), e.g. '
+      f"{{'my_atac': {{'modality': 'atac', 'num_tracks': 4}}}}; found {type(heads).__name__} {heads!r}."
+    )
+  seen = set()
+  for name, _ in items:
+    if not isinstance(name, str) or not name or '/' in name or '.' in name:
+      raise ValueError(
+        f'`{what}`: head names must be non-empty strings without "/" or ".", found {name!r}. '
+        "Fix: use a name like 'my_atac'."
+      )
+    if name in seen:
+      raise ValueError(f'`{what}` gives head {name!r} twice. Fix: give each head once.')
+    seen.add(name)
+  return items
+
+
 def model_heads(model) -> dict[str, dict] | None:
   """The model's heads as `{name: spec}`, or None if it does not follow the heads protocol."""
   heads = getattr(model, 'heads', None)
   if heads is None:
     return None
-  if isinstance(heads, Mapping):
-    return {k: dict(v) for k, v in heads.items()}
-  if isinstance(heads, Sequence) and all(isinstance(h, Sequence) and len(h) == 2 for h in heads):
-    return {k: dict(v) for k, v in heads}
-  raise TypeError(
-    f'{type(model).__name__}.heads must map head names to specs (a dict or (name, spec) pairs), found {heads!r}.'
-  )
+  return {k: dict(v) for k, v in head_items(heads, what=f'{type(model).__name__}.heads')}
 
 
 def swap_heads(model: nn.Module, *, remove=(), keep=None, new=None) -> tuple[nn.Module, list[str], list[str]]:

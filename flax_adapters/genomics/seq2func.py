@@ -68,6 +68,8 @@ from flax import linen as nn
 from flax.core import FrozenDict
 from flax.linen.linear import canonicalize_padding
 
+from flax_adapters.heads import head_items
+
 Array = jax.Array
 Dtype = Any
 
@@ -274,29 +276,8 @@ def normalize_heads(heads) -> FrozenDict:
     >>> h['my_atac']['num_tracks'], hash(h) == hash(normalize_heads(dict(h)))
     (4, True)
   """
-  if isinstance(heads, Mapping):
-    items = list(heads.items())
-  elif (
-    isinstance(heads, Sequence)
-    and not isinstance(heads, str)
-    and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in heads)
-  ):
-    items = [tuple(p) for p in heads]
-  else:
-    raise TypeError(
-      f'heads: expected a mapping name -> {{"modality": str, "num_tracks": int}}, found '
-      f'{type(heads).__name__} {heads!r}. Fix: heads={{"atac": {{"modality": "atac", '
-      '"num_tracks": 2}}.'
-    )
   out = {}
-  for name, spec in items:
-    if not isinstance(name, str) or not name or '/' in name or '.' in name:
-      raise ValueError(
-        f'heads: expected head names to be non-empty strings without "/" or ".", '
-        f'found {name!r}. Fix: use a name like "my_atac".'
-      )
-    if name in out:
-      raise ValueError(f'heads: head {name!r} is given twice. Fix: give each head once.')
+  for name, spec in head_items(heads):
     if not isinstance(spec, Mapping):
       raise TypeError(
         f'heads[{name!r}]: expected a mapping with keys "modality" and '

@@ -251,3 +251,19 @@ def test_rules_that_match_nothing_are_reported_together(setup):
     r"`rules\[2\]` entry 'fc9' matches no module\.",
   ):
     fa.adapt(model, params, rules, x)
+
+
+def test_heads_are_checked_once_for_every_model_that_has_them():
+  """One check of a heads mapping (core `heads.head_items`), used by head surgery and both genomics models."""
+  from flax_adapters import heads
+
+  with pytest.raises(ValueError, match=r"`heads` gives head 'a' twice. Fix: give each head once"):
+    heads.head_items([('a', {}), ('a', {})])
+  with pytest.raises(ValueError, match=r"head names must be non-empty strings without \"/\" or \"\.\", found 'a/b'"):
+    heads.head_items({'a/b': {}})
+
+  class Odd:
+    heads = 'atac'
+
+  with pytest.raises(TypeError, match=r"`Odd.heads` must map head names to specs .* found str 'atac'"):
+    heads.model_heads(Odd())

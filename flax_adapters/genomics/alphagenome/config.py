@@ -32,6 +32,8 @@ from typing import Any
 
 from flax.core import FrozenDict
 
+from flax_adapters.heads import head_items
+
 # Track heads (coverage at 1 bp and/or 128 bp) and whether their predictions are squashed
 # (RNA-seq: the model predicts counts**0.75, and predictions are expanded back).
 TRACK_MODALITIES: Mapping[str, bool] = FrozenDict(
@@ -309,24 +311,4 @@ def normalize_heads(heads) -> FrozenDict:
 
   Accepts a mapping `name -> spec` or a sequence of `(name, spec)` pairs.
   """
-  if isinstance(heads, Mapping):
-    items = list(heads.items())
-  elif (
-    isinstance(heads, Sequence)
-    and not isinstance(heads, str)
-    and all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in heads)
-  ):
-    items = [tuple(p) for p in heads]
-  else:
-    raise TypeError(
-      f"`heads` must map head names to specs, e.g. {{'atac': {{'modality': 'atac', 'num_tracks': 256}}}}; "
-      f'found {type(heads).__name__}.'
-    )
-  out = {}
-  for name, spec in items:
-    if not isinstance(name, str) or not name or '/' in name or '.' in name:
-      raise ValueError(f'`heads` names must be non-empty strings without "/" or ".", found {name!r}.')
-    if name in out:
-      raise ValueError(f'`heads` gives {name!r} twice.')
-    out[name] = _normalize_spec(name, spec)
-  return FrozenDict(out)
+  return FrozenDict({name: _normalize_spec(name, spec) for name, spec in head_items(heads)})

@@ -21,6 +21,9 @@ Model changes (`flax_adapters/models/`):
   heads-major causal attention on the split fused qkv that it runs on CPU.
 - `-grad_store`: no per-block store of the residual stream's gradient (a custom_jvp identity whose
   tangent goes through a conditional, a fusion boundary; CPU only).
+- `-layer_norm`: `nn.LayerNorm` (autodiff of its two-pass statistics) instead of `layers.LayerNorm`
+  (the same numbers, a custom_jvp rule: two row sums and one pass backward).
+- `tile:<n>`: the streamed head's vocabulary tile (`layers._VOCAB_TILE`) set to n, e.g. `tile:2048`.
 
 Core (`flax_adapters/methods/lora.py`):
 
@@ -56,7 +59,7 @@ import time
 from benchmarks import common
 from benchmarks.run import HERE, MALLOC, ROOT, say
 
-CHANGES = ('fused_loss', 'stream_head', 'token_dot', 'attention', 'grad_store', 'lora_flat', 'partition')
+CHANGES = ('fused_loss', 'stream_head', 'token_dot', 'attention', 'grad_store', 'layer_norm', 'lora_flat', 'partition')
 _DOT = 'LIBRARY_FUSION_TYPE_DOT'
 XLA_OPTIONS = {
   'no_ynn': {'xla_cpu_experimental_ynn_fusion_type': ''},
@@ -67,7 +70,7 @@ XLA_OPTIONS = {
   },
   'ynn_all': {'xla_cpu_experimental_ynn_fusion_type': f'{_DOT},LIBRARY_FUSION_TYPE_ELTWISE,LIBRARY_FUSION_TYPE_REDUCE'},
 }
-CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive'] + [f'xla:{x}' for x in XLA_OPTIONS]
+CONFIGS = ['all'] + [f'-{c}' for c in CHANGES] + ['naive', 'tile:2048'] + [f'xla:{x}' for x in XLA_OPTIONS]
 
 
 def _lora_einsums(specs, scale, x, a, b):
@@ -98,8 +101,9 @@ def _head_ce_unstreamed(h, embedding, labels, weights, *, grads):
   return nll, jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
 
 
-def _patched(off: set):
-  """Context manager that undoes the changes in `off` (module globals are read at trace time)."""
+def _patched(off: set, tile: int | None = None):
+  """Context manager that undoes the changes in `off` (module globals are read at trace time) and
+  sets the head's vocabulary tile to `tile`."""
   import contextlib
 
   import flax.linen as nn
@@ -115,6 +119,8 @@ def _patched(off: set):
       res=gpt2._residual,
       fac=lora._factored,
       head=layers._head_ce_streamed,
+      norm=gpt2.LayerNorm,
+      tile=layers._VOCAB_TILE,
     )
     try:
       if 'token_dot' in off:
@@ -134,9 +140,14 @@ def _patched(off: set):
         layers._head_ce_streamed = _head_ce_unstreamed
       if 'lora_flat' in off:
         lora._factored = _lora_einsums
+      if 'layer_norm' in off:
+        gpt2.LayerNorm = nn.LayerNorm
+      if tile is not None:
+        layers._VOCAB_TILE = tile
       yield
     finally:
       lora._factored, layers._head_ce_streamed = saved['fac'], saved['head']
+      gpt2.LayerNorm, layers._VOCAB_TILE = saved['norm'], saved['tile']
       gpt2._dense, gpt2.causal_attention, gpt2._residual = saved['dense'], saved['att'], saved['res']
 
   return ctx()
@@ -164,6 +175,7 @@ def worker(args):
   for name in args.configs:
     off = set(CHANGES) if name == 'naive' else ({name[1:]} if name.startswith('-') else set())
     options = XLA_OPTIONS[name[4:]] if name.startswith('xla:') else {}
+    tile = int(name[5:]) if name.startswith('tile:') else None
     if 'fused_loss' in off:
 
       def loss_fn(p, x):
@@ -171,7 +183,7 @@ def worker(args):
         return layers.cross_entropy(logits[:, :-1], x[:, 1:])
     else:
       loss_fn = lambda p, x: model_a.apply({'params': p}, x, method='loss')
-    with _patched(off):
+    with _patched(off, tile):
       t0 = time.perf_counter()
       if 'partition' in off:
         opt = fa.transfer_optimizer(tx, mask)
@@ -274,7 +286,9 @@ def main(argv=None):
     for malloc in args.malloc.split(','):
       env = dict(os.environ, JAX_PLATFORMS='cpu', GLIBC_TUNABLES=MALLOC[malloc])
       for mode in modes:
-        configs = [c for c in chosen if mode == 'lora' or c not in ('-lora_flat', '-stream_head')]
+        configs = [
+          c for c in chosen if mode == 'lora' or not (c in ('-lora_flat', '-stream_head') or c.startswith('tile:'))
+        ]
         if 'all' not in configs:
           configs.insert(0, 'all')
         say(f'[ablation] {mode}, malloc={malloc}: {configs}')

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.models import hf_config
-from flax_adapters.models.layers import Dtype, LayerNorm, activation, dot_product_attention, padding_mask
+from flax_adapters.models.layers import Dtype, activation, dot_product_attention, padding_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,9 @@ class BertOutput(NamedTuple):
 
 
 def _layer_norm(cfg: BertConfig, dtype, param_dtype):
-  return LayerNorm(cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name='LayerNorm')
+  return nn.LayerNorm(
+    cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name='LayerNorm'
+  )
 
 
 class BertEmbeddings(nn.Module):

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from flax_adapters.models import hf_config
 from flax_adapters.models.layers import (
   Dtype,
-  LayerNorm,
   activation,
   at_least_f32,
   cross_entropy,
@@ -229,7 +228,7 @@ class GPT2Block(nn.Module):
   @nn.compact
   def __call__(self, x, mask, deterministic: bool):
     cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = lambda name: LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, name=name, **kw)
+    norm = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, name=name, **kw)
     x = _residual(x)
     x = x + GPT2Attention(cfg, self.layer_idx, name='attn', **kw)(norm('ln_1')(x), mask, deterministic)
     x = _residual(x)
@@ -253,7 +252,7 @@ class GPT2Model(nn.Module):
     self.wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init, **kw)
     self.drop = nn.Dropout(cfg.embd_pdrop)
     self.h = [GPT2Block(cfg, i, **kw) for i in range(cfg.n_layer)]
-    self.ln_f = LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, **kw)
+    self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, use_fast_variance=False, **kw)
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
     if position_ids is None:

@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: activations, LayerNorm, RMSNorm and attention.
+"""Building blocks shared by the model families: activations, RMSNorm and attention.
 
 Everything here reproduces the numerics of the corresponding Hugging Face PyTorch code, so that a
 converted checkpoint gives the same outputs (to float32 rounding) as `transformers`.
@@ -25,10 +25,6 @@ def at_least_f32(dtype) -> jnp.dtype:
     'float32'
   """
   return jnp.promote_types(dtype, jnp.float32)
-
-
-def _is_zero(t) -> bool:
-  return isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
 def _gelu_exact(x):
@@ -66,102 +62,6 @@ def activation(name: str, *, field: str = 'hidden_act') -> Callable[[jax.Array],
       f'{field}={name!r} is not supported; expected one of {sorted(ACTIVATIONS)}. '
       'Add it to flax_adapters.models.layers.ACTIVATIONS if it is a pointwise function.'
     ) from None
-
-
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float) -> jax.Array:
-  """Layer normalization over the last axis: `(x - mean)·rsqrt(var + epsilon)·scale + bias`.
-
-  The numbers of `nn.LayerNorm(epsilon, use_fast_variance=False)`: statistics and result in
-  float32 (float64 for float64 inputs), the variance from the centred values. The derivative is a
-  `jax.custom_jvp` rule, `x̂` the normalized input: `t_x̂ = rstd·(t_x - mean(t_x) - x̂·mean(x̂·t_x))`,
-  so reverse mode is two row sums and one elementwise pass, where autodiff of the two-pass
-  statistics gives three of each (and broadcasts `scale` to the input's shape). A frozen `scale` or
-  `bias` (symbolic zero tangent) costs nothing. Forward mode and higher derivatives work.
-
-  Args:
-    x: `[..., d]`.
-    scale: `[d]`.
-    bias: `[d]`.
-    epsilon: added to the variance.
-
-  Returns:
-    `[..., d]`, float32 (float64 for float64 inputs).
-
-  Examples:
-    >>> x = jnp.array([[1.0, 2.0, 3.0]])
-    >>> layer_norm(x, jnp.ones(3), jnp.zeros(3), epsilon=0.0).round(4).tolist()
-    [[-1.2247, 0.0, 1.2247]]
-  """
-  dtype = at_least_f32(jnp.result_type(x, scale, bias))
-  return _layer_norm(x.astype(dtype), scale.astype(dtype), bias.astype(dtype), float(epsilon))
-
-
-def _layer_norm_stats(x, epsilon):
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  centred = x - mean
-  return centred, jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + epsilon)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _layer_norm(x, scale, bias, epsilon):
-  centred, rstd = _layer_norm_stats(x, epsilon)
-  return centred * (rstd * scale) + bias  # flax's order of operations
-
-
-def _layer_norm_jvp(epsilon, primals, tangents):
-  x, scale, bias = primals
-  t_x, t_scale, t_bias = tangents
-  centred, rstd = _layer_norm_stats(x, epsilon)
-  y = centred * (rstd * scale) + bias
-  x_hat = centred * rstd
-  t_y = jnp.zeros_like(y)
-  if not _is_zero(t_x):
-    mean_t = jnp.mean(t_x, axis=-1, keepdims=True)
-    t_x_hat = rstd * (t_x - mean_t - x_hat * jnp.mean(x_hat * t_x, axis=-1, keepdims=True))
-    t_y += t_x_hat * scale
-  if not _is_zero(t_scale):
-    t_y += x_hat * t_scale
-  if not _is_zero(t_bias):
-    t_y += jnp.broadcast_to(t_bias, y.shape)
-  return y, t_y
-
-
-_layer_norm.defjvp(_layer_norm_jvp, symbolic_zeros=True)
-
-
-class LayerNorm(nn.LayerNorm):
-  """`nn.LayerNorm` over the last axis (the same params and numbers) with `layer_norm`'s derivative.
-
-  A drop-in subclass (so `unfreeze_norm` and the tracer see a LayerNorm); any other configuration
-  (no scale or bias, other axes, a mask, `axis_name`, fast variance) runs `nn.LayerNorm` itself.
-
-  Examples:
-    >>> x = jnp.array([[1.0, 2.0, 3.0]])
-    >>> ln = LayerNorm(1e-5, use_fast_variance=False)
-    >>> params = ln.init(jax.random.key(0), x)
-    >>> bool(jnp.allclose(ln.apply(params, x), nn.LayerNorm(1e-5, use_fast_variance=False).apply(params, x)))
-    True
-  """
-
-  @nn.compact
-  def __call__(self, x, *, mask: jax.Array | None = None):
-    plain = (
-      self.use_scale
-      and self.use_bias
-      and self.reduction_axes in (-1, (-1,), x.ndim - 1)
-      and self.feature_axes in (-1, (-1,), x.ndim - 1)
-      and mask is None
-      and self.axis_name is None
-      and not self.use_fast_variance
-      and self.force_float32_reductions
-    )
-    if not plain:
-      return super().__call__(x, mask=mask)
-    features = (x.shape[-1],)
-    scale = self.param('scale', self.scale_init, features, self.param_dtype)
-    bias = self.param('bias', self.bias_init, features, self.param_dtype)
-    dtype = self.dtype or jnp.result_type(x, scale, bias)
-    return layer_norm(x, scale, bias, epsilon=self.epsilon).astype(dtype)
 
 
 class RMSNorm(nn.Module):
@@ -224,11 +124,10 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -
 
 
 # Vocabulary rows per tile when only the loss and d/dh are wanted (`_head_ce_streamed`): the
-# [tokens, tile] logits of GPT-2 small at 4 x 128 tokens are 2 MB, so they stay in cache between
-# the GEMM that makes them and the GEMM that uses them. On the benchmark's machine (AMD EPYC, 1 MB L2
-# per core) 1024 beats 2048 by 1.5-3.5% of the whole LoRA step in three in-process A/Bs; 512 and 256
-# are between them; 768, 1536, 3072 and 4096 are slower (benchmarks/README.md, `tile:<n>`).
-_VOCAB_TILE = 1024
+# [tokens, tile] logits of GPT-2 small at 4 x 128 tokens are 4 MB, so they stay in cache between
+# the GEMM that makes them and the GEMM that uses them (1024-4096 measure alike on the benchmark's
+# machine; 8192 is slower).
+_VOCAB_TILE = 2048
 
 
 def _head_ce_streamed(h, embedding, labels, weights, *, grads: bool):
@@ -325,6 +224,10 @@ def _tied_head_ce_jvp(primals, tangents):
   if not _is_zero(t_w):
     tangent += jnp.sum(nll * t_w)
   return loss, tangent
+
+
+def _is_zero(t) -> bool:
+  return isinstance(t, jax.custom_derivatives.SymbolicZero)
 
 
 _tied_head_ce.defjvp(_tied_head_ce_jvp, symbolic_zeros=True)

@@ -81,22 +81,12 @@ def _lora_einsums(specs, scale, x, a, b):
 
 
 def _head_ce_unstreamed(h, embedding, labels, weights, *, grads):
-  """The fused head's loss and d/dh from the whole logits (what `-stream_head` runs)."""
-  import jax
-  import jax.numpy as jnp
+  """The fused head's loss and d/dh from the whole logits (what `-stream_head` runs): the trained-
+  embedding path, whose unused embedding-gradient GEMM XLA removes (the compiled dots are the same)."""
+  from flax_adapters.models.layers import _head_ce_logits
 
-  from flax_adapters.models.layers import at_least_f32
-
-  f32 = at_least_f32(h.dtype)
-  logits = jax.lax.dot_general(h, embedding, (((1,), (1,)), ((), ())), preferred_element_type=f32)
-  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  lse = m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True))
-  nll = lse[:, 0] - jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-  if not grads:
-    return nll, None
-  onehot = labels[:, None] == jax.lax.broadcasted_iota(labels.dtype, logits.shape, 1)
-  dlogits = ((jnp.exp(logits - lse) - onehot) * weights[:, None]).astype(h.dtype)
-  return nll, jax.lax.dot_general(dlogits, embedding, (((1,), (0,)), ((), ())), preferred_element_type=f32)
+  nll, dh, _ = _head_ce_logits(h, embedding, labels, weights)
+  return nll, dh if grads else None
 
 
 def _patched(off: set, tile: int | None = None):

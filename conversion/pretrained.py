@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,13 @@ def read_config(model_dir: str | os.PathLike, **overrides: Any) -> tuple[Family,
   """`(family, config)` of a model directory; a bad value is reported with the file it is in."""
   hf = read_hf_config(model_dir)
   family = get_family(hf['model_type'])
+  fields = {f.name for f in dataclasses.fields(family.config_class)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise TypeError(
+      f'config override(s) {unknown} are not fields of {family.config_class.__name__} (the keyword arguments '
+      f'of load_pretrained/read_config, not config.json); expected some of {sorted(fields)}.'
+    )
   try:
     return family, family.config_from_hf(hf, **overrides)
   except (ValueError, TypeError) as e:

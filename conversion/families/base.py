@@ -176,8 +176,24 @@ class Family:
     self._check_depth(origin, config)
     table, expected = self._table(config, param_dtype)
     arrays = {ours: state_dict[theirs] for ours, theirs in origin.items()}
+    if self.tied_head and config.tie_word_embeddings:
+      head_key, embed_key = self.tied_head
+      if embed_key not in arrays and head_key in arrays:
+        # A tied checkpoint deduplicated under the head's name (`safetensors.torch.save_model` keeps
+        # `lm_head.weight`): the head *is* the embedding, and both are [vocab, hidden] in torch.
+        arrays[embed_key], origin[embed_key] = arrays[head_key], origin[head_key]
     named = lambda key: repr(origin[key]) if origin[key] == key else f'{origin[key]!r} (read as {key!r})'
-    ignore = [re.compile(p) for p in ignore]
+    if isinstance(ignore, (str, bytes)):
+      raise TypeError(
+        f'ignore must be a sequence of regexes, e.g. ignore=({ignore!r},); got the single string {ignore!r}.'
+      )
+    compiled = []
+    for p in ignore:
+      try:
+        compiled.append(re.compile(p))
+      except re.error as e:
+        raise ValueError(f'ignore={p!r} is not a valid regular expression ({e}).') from None
+    ignore = compiled
     problems = _Problems()
     flat = {}
     used = set()

@@ -255,6 +255,11 @@ class BertModel(nn.Module):
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
     if position_ids is None:
+      if input_ids.shape[-1] > self.config.max_position_embeddings:
+        raise ValueError(
+          f'input_ids has length {input_ids.shape[-1]}, but the model has max_position_embeddings='
+          f'{self.config.max_position_embeddings}; positions beyond them would read NaN. Truncate the input.'
+        )
       position_ids = jnp.arange(input_ids.shape[-1])[None]
     x = BertEmbeddings(self.config, name='embeddings', **kw)(input_ids, token_type_ids, position_ids, deterministic)
     x = BertEncoder(self.config, name='encoder', **kw)(x, padding_mask(attention_mask), deterministic)

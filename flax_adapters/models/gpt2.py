@@ -256,6 +256,11 @@ class GPT2Model(nn.Module):
 
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
     if position_ids is None:
+      if input_ids.shape[-1] > self.config.n_positions:
+        raise ValueError(
+          f'input_ids has length {input_ids.shape[-1]}, but the model has n_positions={self.config.n_positions} '
+          'position embeddings; positions beyond them would read NaN. Truncate the input.'
+        )
       position_ids = jnp.arange(input_ids.shape[-1])[None]
     x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=deterministic)
     mask = padding_mask(attention_mask)

@@ -2,6 +2,7 @@
 
 import pickle
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -236,3 +237,75 @@ def test_plain_bin_state_dict_loads(tmp_path):
   torch.save({'w': torch.arange(3.0).to(torch.bfloat16)}, path)
   loaded = load_state_dict(tmp_path)  # a directory resolves to its checkpoint file
   assert loaded['w'].dtype == np.float32 and loaded['w'].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_tied_checkpoint_stored_under_the_head_name_loads(tmp_path):
+  # `safetensors.torch.save_model` keeps one name per shared tensor: for a tied GPT-2 that is
+  # `lm_head.weight`, with no `transformer.wte.weight`; transformers loads such a directory.
+  from safetensors.torch import load_file, save_model
+
+  from conversion import load_pretrained
+
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(
+    transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=8)
+  ).eval()
+  hf.config.save_pretrained(tmp_path)
+  save_model(hf, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+  assert 'transformer.wte.weight' not in load_file(str(tmp_path / 'model.safetensors'))
+  model, params, _ = load_pretrained(tmp_path)
+  ids = np.array([[1, 5, 7, 3]])
+  with torch.no_grad():
+    want = hf(torch.from_numpy(ids)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, jnp.asarray(ids))), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_saved_inv_freq_rounded_to_the_checkpoint_dtype_is_accepted(llama, dtype):
+  # Half-precision checkpoints (meta-llama/Llama-2-*-hf lists these buffers) store inv_freq rounded.
+  config, state_dict = llama
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0, 8, 2, dtype=np.float32) / 8))
+  rounded = torch.from_numpy(inv_freq).to(dtype)
+  assert not np.allclose(rounded.float().numpy(), inv_freq, rtol=1e-5, atol=0)  # the old check's tolerance
+  params = LLAMA.torch_to_flax({**state_dict, 'model.layers.0.self_attn.rotary_emb.inv_freq': rounded}, config)
+  assert set(params) == {'model', 'lm_head'}
+
+
+def test_ignore_must_be_a_sequence_of_valid_regexes(llama):
+  config, state_dict = llama
+  with pytest.raises(TypeError, match=r"ignore must be a sequence of regexes, e\.g\. ignore=\('cls\\\\\.\.\*',\)"):
+    LLAMA.torch_to_flax(state_dict, config, ignore=r'cls\..*')
+  with pytest.raises(ValueError, match=r"ignore='lm_head\(' is not a valid regular expression"):
+    LLAMA.torch_to_flax(state_dict, config, ignore=('lm_head(',))
+
+
+def test_unknown_config_override_names_the_keyword(tmp_path):
+  from conversion import load_pretrained
+
+  transformers.BertConfig(
+    vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+  ).save_pretrained(tmp_path)
+  with pytest.raises(TypeError, match=r"config override\(s\) \['add_pooler_layer'\] are not fields of BertConfig"):
+    load_pretrained(tmp_path, add_pooler_layer=False)
+
+
+def test_input_longer_than_the_position_table_is_refused():
+  from flax_adapters.models.bert import BertModel
+  from flax_adapters.models.gpt2 import GPT2Model
+
+  ids = jnp.zeros((1, 9), jnp.int32)
+  gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=10, n_positions=8))
+  with pytest.raises(ValueError, match=r'input_ids has length 9, but the model has n_positions=8'):
+    gpt2.init(jax.random.key(0), ids)
+  bert = BertModel(
+    BertConfig(
+      vocab_size=10,
+      hidden_size=8,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      intermediate_size=16,
+      max_position_embeddings=8,
+    )
+  )
+  with pytest.raises(ValueError, match=r'input_ids has length 9, but the model has max_position_embeddings=8'):
+    bert.init(jax.random.key(0), ids)

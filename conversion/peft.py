@@ -445,9 +445,18 @@ def read_peft_config(adapter_dir: str | os.PathLike) -> PeftSpec:
   """Read and check `adapter_dir/adapter_config.json`."""
   path = os.path.join(os.fspath(adapter_dir), CONFIG_FILE)
   if not os.path.isfile(path):
-    raise FileNotFoundError(
-      f'adapter_dir={os.fspath(adapter_dir)!r} has no {CONFIG_FILE}; it is not a PEFT adapter directory.'
+    # PEFT saves an adapter named other than 'default' into a subfolder of that name.
+    root = os.fspath(adapter_dir)
+    named = sorted(
+      d for d in (os.listdir(root) if os.path.isdir(root) else ()) if os.path.isfile(os.path.join(root, d, CONFIG_FILE))
     )
+    hint = (
+      f' It holds the named adapter(s) {named} (PEFT saves a non-default adapter_name in a subfolder): pass '
+      f'adapter_dir={os.path.join(root, named[0])!r}.'
+      if named
+      else ''
+    )
+    raise FileNotFoundError(f'adapter_dir={root!r} has no {CONFIG_FILE}; it is not a PEFT adapter directory.{hint}')
   return parse_peft_config(read_json_object(path, 'PEFT adapter config'), source=path)
 
 
@@ -642,11 +651,24 @@ def import_peft(
   tensors = read_peft_weights(adapter_dir)
   mm = module_map(family, config)
   problems = _Problems()
-  found, saved_tensors, saved, targeted, their_name = _sort_tensors(spec, tensors, mm, family, problems)
+  found, saved_tensors, saved, targeted, their_name, base_copies = _sort_tensors(spec, tensors, mm, family, problems)
   shapes = family.param_shapes(config)
   sites = trace_model(model, *_example_args(example_args)).sites
   methods, values = _adapter_values(spec, mm, targeted, found, sites, problems)
   base_updates, saved_flax = _saved_values(mm, saved, saved_tensors, their_name, shapes, family, problems)
+  rows = {m.torch_key: m for ms in mm.params.values() for m in ms}
+  for torch_key, (file_key, array) in base_copies.items():
+    m = rows.get(torch_key)
+    want = shapes[m.flax_path].shape if m is not None else None
+    if m is None or m.layout.flax_shape(array.shape) != tuple(want):
+      problems.add(
+        'wrong shape' if m is not None else 'unexpected key',
+        f'{file_key!r} (shape {_shape(array.shape)}) is a copy of the base weight {torch_key!r}, which '
+        f'{"has another shape in the flax model" if m is not None else "the family table does not map"}. '
+        'Fix: the base model config does not match the one the adapter was trained on.',
+      )
+      continue
+    base_updates[m.flax_path] = m.layout.to_flax(array)
   if not methods and not problems.lines:
     problems.add(
       'empty',
@@ -694,7 +716,17 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
 
   # What the config selects, by PEFT's rules, over the modules torch has (matched in their naming).
   saved = [n for n in mm.names() if their_name(n) is not None and spec.saves(their_name(n))]
-  saved = [n for n in saved if not any(n.startswith(s + '.') for s in saved)]
+  nested = [n for n in saved if any(n.startswith(s + '.') for s in saved)]
+  saved = [n for n in saved if n not in nested]
+  for n in nested:
+    outer = next(s for s in saved if n.startswith(s + '.'))
+    problems.add(
+      'unsupported',
+      f'modules_to_save={spec.raw.get("modules_to_save")!r} selects {their_name(outer)!r} and, inside it, '
+      f'{their_name(n)!r} (PEFT matches modules_to_save with str.endswith), so PEFT wraps a module inside a '
+      'wrapped module and cannot load this adapter itself (PeftModel.from_pretrained raises KeyError). '
+      'Fix: name the modules by their full names, or list the submodules that train.',
+    )
   targeted = {}
   for name in mm.names():
     theirs = their_name(name)
@@ -707,6 +739,7 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
 
   found: dict[str, dict[str, tuple[str, np.ndarray]]] = {}
   saved_tensors: dict[str, tuple[str, np.ndarray]] = {}
+  base_copies: dict[str, tuple[str, np.ndarray]] = {}
   model_name = family.model_class.__name__
   for theirs, file_key in stripped.items():
     ours = to_ours(theirs)
@@ -735,6 +768,11 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
         found.setdefault(module, {})[suffix] = (file_key, tensors[file_key])
     elif any(ours.startswith(s + '.') for s in saved):
       saved_tensors[ours] = (file_key, tensors[file_key])
+    elif '.base_layer.' in ours and ours.rsplit('.base_layer.', 1)[0] in targeted:
+      # PEFT (save_embedding_layers='auto') also saves a full copy of the base weight of a targeted
+      # lm_head / embed_tokens as `<module>.base_layer.<param>`; PEFT loads it into the base layer.
+      module, param = ours.rsplit('.base_layer.', 1)
+      base_copies[f'{module}.{param}'] = (file_key, tensors[file_key])
     elif spec.saves(theirs.rsplit('.', 1)[0]) and ours.rsplit('.', 1)[0] not in mm.kind:
       problems.add(
         'unknown module',
@@ -748,7 +786,7 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
         f'{file_key!r} is neither a LoRA/IA3 tensor of a targeted module nor part of '
         f'a modules_to_save module (modules_to_save={spec.raw.get("modules_to_save")!r}).',
       )
-  return found, saved_tensors, saved, targeted, their_name
+  return found, saved_tensors, saved, targeted, their_name, base_copies
 
 
 def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, sites, problems: _Problems):
@@ -978,6 +1016,16 @@ def export_peft(
         'export_merged',
       )
     saved[torch_name] = tuple(path)
+  # PEFT selects modules_to_save by plain `str.endswith`: a name that is also the tail of another module's
+  # name (BERT's 'embeddings' of 'embeddings.word_embeddings') would wrap that module too, nested inside
+  # the first, and PeftModel.from_pretrained then fails. Name such a module by its parameter-holding
+  # submodules instead (each a full, unambiguous name).
+  for torch_name in list(saved):
+    if any(n != torch_name and n.endswith(torch_name) for n in mm.names()):
+      path = saved.pop(torch_name)
+      for m in mm.params[torch_name]:
+        module = m.torch_key.rsplit('.', 1)[0]
+        saved[module] = mm.flax[module]
 
   state: dict[str, np.ndarray] = {}
   cfg: dict[str, Any] = {
@@ -997,6 +1045,16 @@ def export_peft(
     entry = by_path[path]
     tensors, settings[t] = entry.methods[0].to_peft(entry.site, get_subtree(params, path))
     state.update({f'{PREFIX}{t}.{suffix}': array for suffix, array in tensors.items()})
+  dropouts = {t: s['lora_dropout'] for t, s in settings.items() if 'lora_dropout' in s}
+  if len(set(dropouts.values())) > 1:
+    by_value = {}
+    for t, v in sorted(dropouts.items()):
+      by_value.setdefault(v, []).append(t)
+    raise fail(
+      f'its LoRA modules use different dropouts ({by_value}), but adapter_config.json has one lora_dropout '
+      'for all modules',
+      'give every LoRA module the same dropout, or keep the flax adapter checkpoint (save_adapters)',
+    )
   cfg.update(_peft_config_fields(peft_type, settings))
   flat = traverse_util.flatten_dict(params)
   for torch_name in saved:
@@ -1049,7 +1107,6 @@ def _check_written(cfg, mm: ModuleMap, targets, saved, peft_type, settings) -> N
   """The config we write must select, by PEFT's own rules, exactly what we mean (else: our bug)."""
   spec = PeftSpec(peft_type, cfg)
   got_saved = {n for n in mm.names() if spec.saves(n)}
-  got_saved = {n for n in got_saved if not any(n.startswith(s + '.') for s in got_saved)}
   got_targets = {n for n in mm.names() if spec.targets(n, mm.kind[n])}
   wrong = []
   if got_saved != set(saved):

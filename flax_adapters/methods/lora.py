@@ -82,6 +82,9 @@ class LoRA(Method):
   # Dropout on the LoRA branch's input during training (PEFT's `lora_dropout`); it is active only
   # when apply is given the 'adapter_dropout' rng stream.
   dropout: float = 0.0
+  # A rank above min(fan_in, fan_out) only wastes parameters; new adapters refuse it, but an imported
+  # one (PEFT allows any r) must keep its trained rank, and (x·A)·B is exact for any rank.
+  allow_excess_rank: bool = dataclasses.field(default=False, compare=False)
 
   def __post_init__(self):
     check_positive_int(self.rank, 'rank')
@@ -131,11 +134,12 @@ class LoRA(Method):
       )
     require_kernel_letters('LoRA', site)
     fan_in, fan_out = _fans(site)
-    if self.rank > min(fan_in, fan_out):
+    if self.rank > min(fan_in, fan_out) and not self.allow_excess_rank:
       raise AdapterError(
         f'`lora_rank`={self.rank} is larger than {site.describe()} allows: its kernel '
         f'{site.kernel_shape} maps {fan_in} inputs to {fan_out} outputs, so the rank can be at '
-        f'most {min(fan_in, fan_out)}. Lower `lora_rank`.'
+        f'most {min(fan_in, fan_out)}. Lower `lora_rank` (or, to keep a trained adapter of that rank, '
+        'use `LoRA(..., allow_excess_rank=True)`).'
       )
 
   def layout(self, site: Site) -> dict[str, str]:
@@ -200,6 +204,7 @@ class LoRA(Method):
       alpha=settings['lora_alpha'],
       use_rslora=bool(settings.get('use_rslora', False)),
       dropout=float(settings.get('lora_dropout') or 0.0),
+      allow_excess_rank=True,
     )
 
   def from_peft(self, site, tensors):

@@ -220,3 +220,61 @@ def test_adapter_made_on_the_bare_trunk_class(tmp_path, ids):
     hidden = theirs(torch.from_numpy(ids)).last_hidden_state
     expected = (hidden @ trunk.wte.weight.T).numpy()  # GPT-2's head is tied to wte
   np.testing.assert_allclose(flax_logits(adapted, p, ids), expected, atol=TOL, rtol=0)
+
+
+def test_llama_lora_on_an_untied_lm_head_with_peft_s_base_layer_copy(tmp_path, ids):
+  # PEFT's default save_embedding_layers='auto' also writes the targeted head's base weight as
+  # `lm_head.base_layer.weight`; it is the base model's own weight, loaded into the base params.
+  hf = tiny_llama(tie_word_embeddings=False)
+  theirs, base = make_adapter(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj', 'lm_head']), tmp_path)
+  from safetensors.numpy import load_file
+
+  assert 'base_model.model.lm_head.base_layer.weight' in load_file(tmp_path / 'adapter_model.safetensors')
+  model, params, _ = flax_base(LLAMA, hf.config, base)
+  adapted, p = import_peft(tmp_path, model, params)
+  assert 'lm_head' in {e.site.name for e in adapted.plan}
+  np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
+
+
+def test_imported_rank_above_the_layer_s_dims_is_kept(tmp_path, ids):
+  # PEFT allows r=64 on a 64->32 k_proj; a trained adapter keeps its rank (new ones may not exceed 32).
+  hf = tiny_llama()
+  theirs, base = make_adapter(hf, peft.LoraConfig(r=64, lora_alpha=64, target_modules=['k_proj']), tmp_path / 'peft')
+  model, params, _ = flax_base(LLAMA, hf.config, base)
+  adapted, p = import_peft(tmp_path / 'peft', model, params)
+  assert {e.methods[0].rank for e in adapted.plan} == {64}
+  np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
+  check_export(tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, perturb(adapted, p), ids, merged=False)
+  with pytest.raises(fa.AdapterError, match=r'`lora_rank`=64 is larger than'):
+    fa.adapt(model, params, {'k_proj': fa.LoRA(rank=64)}, jax.ShapeDtypeStruct((1, 8), jnp.int32))
+
+
+def test_bert_embeddings_trained_whole_export_by_their_full_names(tmp_path, rng):
+  # PEFT matches modules_to_save with str.endswith, so 'embeddings' would also wrap
+  # 'embeddings.word_embeddings' inside it; the export names the parameter-holding submodules.
+  torch.manual_seed(0)
+  hf = transformers.BertModel(
+    transformers.BertConfig(
+      vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    )
+  ).eval()
+  base = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+  family = get_family('bert')
+  model, params, _ = flax_base(family, hf.config, base)
+  adapted, p = fa.adapt(
+    model, params, {'query': fa.LoRA(rank=4)}, jax.ShapeDtypeStruct((1, 8), jnp.int32), modules_to_save=['embeddings']
+  )
+  p = perturb(adapted, p)
+  written = export_peft(tmp_path / 'exported', adapted, p)
+  assert sorted(written['modules_to_save']) == [
+    'embeddings.LayerNorm',
+    'embeddings.position_embeddings',
+    'embeddings.token_type_embeddings',
+    'embeddings.word_embeddings',
+  ]
+  loaded = peft.PeftModel.from_pretrained(fresh(transformers.BertModel, hf.config, base), tmp_path / 'exported').eval()
+  ids = rng.integers(0, 128, size=(2, 12)).astype(np.int64)
+  with torch.no_grad():
+    theirs = loaded(torch.from_numpy(ids)).last_hidden_state.numpy()
+  ours = np.asarray(adapted.apply({'params': p}, jnp.asarray(ids)).last_hidden_state)
+  np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)

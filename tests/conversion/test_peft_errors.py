@@ -245,8 +245,14 @@ def gpt2():
       {'modules_to_save': ['wte']},
       r'transformer\.wte trains whole, but GPT2LMHeadModel ties it to its LM head and PEFT would train an untied copy',
     ),
+    (
+      {'c_attn': fa.LoRA(rank=4), 'c_fc': fa.LoRA(rank=4, dropout=0.5)},
+      {},
+      r"its LoRA modules use different dropouts \(\{0\.0: \['transformer\.h\.0\.attn\.c_attn'\], 0\.5: "
+      r"\['transformer\.h\.0\.mlp\.c_fc'\]\}\), but adapter_config\.json has one lora_dropout",
+    ),
   ],
-  ids=['houlsby', 'lora_and_ia3', 'ia3_and_ia3_ff', 'adapter_in_saved_module', 'tied_embedding'],
+  ids=['houlsby', 'lora_and_ia3', 'ia3_and_ia3_ff', 'adapter_in_saved_module', 'tied_embedding', 'two_dropouts'],
 )
 def test_export_refuses_what_peft_cannot_express(gpt2, tmp_path, adapters, extra, message):
   model, params = gpt2
@@ -315,3 +321,25 @@ def test_pattern_keys_feedforward_and_modules_to_save_equal_peft():
     'model.layers.1.post_attention_layernorm',
     'model.norm',
   ]
+
+
+def test_nested_modules_to_save_is_refused(tmp_path):
+  # PEFT matches modules_to_save with str.endswith: ['attn'] wraps 'h.0.attn' and, inside it,
+  # 'h.0.attn.c_attn', and then cannot load its own save; importing it would be a guess.
+  hf = tiny_gpt2(n_layer=1)
+  _, base = make_adapter(hf, peft.LoraConfig(r=4, target_modules=['c_fc'], modules_to_save=['attn']), tmp_path / 'p')
+  config = GPT2.config_from_hf(hf.config.to_dict())
+  with pytest.raises(
+    ValueError,
+    match=r"modules_to_save=\['attn'\] selects 'transformer\.h\.0\.attn' and, inside it, 'transformer\.h\.0\.attn\.c_attn'",
+  ):
+    import_peft(tmp_path / 'p', GPT2.flax_model(config), GPT2.torch_to_flax(base, config))
+
+
+def test_a_directory_of_named_adapters_points_at_the_subfolder(llama_adapter, tmp_path):
+  directory, model, params = llama_adapter
+  shutil.copytree(directory, tmp_path / 'root' / 'mine')
+  with pytest.raises(
+    FileNotFoundError, match=r"holds the named adapter\(s\) \['mine'\] .* pass adapter_dir='.*/root/mine'"
+  ):
+    import_peft(tmp_path / 'root', model, params)

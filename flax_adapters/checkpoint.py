@@ -129,7 +129,7 @@ def _digest_v1(leaf) -> list[float]:
 def _structure(params) -> list[tuple[str, tuple[int, ...], str]]:
   flat = traverse_util.flatten_dict(params)
   return sorted(
-    ('/'.join(k), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
+    ('/'.join(map(str, k)), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
     for k, v in flat.items()
     if k[-1] not in methods_lib.LEAF_NAMES
   )
@@ -140,7 +140,7 @@ def base_fingerprint(model: AdaptedModel, params) -> dict[str, Any]:
   mask = traverse_util.flatten_dict(trainable_mask(model, params))
   flat = traverse_util.flatten_dict(params)
   structure = _structure(params)
-  values = {'/'.join(k): _digest(v) for k, v in sorted(flat.items()) if not mask[k]}
+  values = {'/'.join(map(str, k)): _digest(v) for k, v in sorted(flat.items()) if not mask[k]}
   return {
     'structure_sha256': hashlib.sha256(repr(structure).encode()).hexdigest(),
     'structure': [list(s[:1]) + [list(s[1]), s[2]] for s in structure],
@@ -163,7 +163,7 @@ def _compare_fingerprints(saved, model: AdaptedModel, params, directory) -> None
       f'{len(diffs)} leaves differ ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}). '
       'Load it onto the base it was trained on, prepared with the saved config.'
     )
-  flat = {'/'.join(k): v for k, v in traverse_util.flatten_dict(params).items()}
+  flat = {'/'.join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
   for key, digest in saved['frozen_values'].items():
     now = current['frozen_values'].get(key)
     if now is not None and len(digest) == 2:  # saved by an earlier version
@@ -366,7 +366,12 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
       'Prepare the model with the saved config: TransferConfig(**read_meta(directory)["config"]).'
     )
   _compare_fingerprints(meta['base'], model, params, directory)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, trained_leaves(model, params))
+  # orbax keeps dict keys as strings; NNX lists give integer keys, restored through their str form.
+  flat_abstract = traverse_util.flatten_dict(
+    jax.tree.map(ocp.utils.to_shape_dtype_struct, trained_leaves(model, params))
+  )
+  keys = {tuple(map(str, k)): k for k in flat_abstract}
+  abstract = traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat_abstract.items()})
   if not os.path.isdir(os.path.join(directory, 'params')):
     raise _damaged(directory, 'trained leaves', FileNotFoundError('no params/ item'))
   try:
@@ -375,7 +380,7 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
   except Exception as e:  # orbax/tensorstore: KeyError, DATA_LOSS, ValueError on a damaged item
     raise _damaged(directory, 'trained leaves (params/)', e) from e
   flat = traverse_util.flatten_dict(params)
-  flat.update(traverse_util.flatten_dict(tree))
+  flat.update({keys[k]: v for k, v in traverse_util.flatten_dict(tree).items()})
   return traverse_util.unflatten_dict(flat)
 
 

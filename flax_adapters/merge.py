@@ -64,7 +64,7 @@ def merge_adapters(model: AdaptedModel, params):
     module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))
     params = set_subtree(params, entry.site.path, module_params)
     if remaining:
-      plan.append(SitePlan(site=entry.site, methods=remaining))
+      plan.append(SitePlan(site=entry.site, methods=remaining, stack=entry.stack))
   if not plan and model.base is not None:
     return model.base, params
   return model.replace(plan=tuple(plan)), params

@@ -87,7 +87,14 @@ def add_adapter_leaves(
   plan = []
   for i, path in enumerate(sorted(placement, key=paths_lib.dotted)):
     site = sites[path]
-    module_params = dict(get_subtree(params, path))
+    try:
+      module_params = dict(get_subtree(params, path))
+    except (KeyError, TypeError):
+      raise AdapterError(
+        f'{site.describe()} owns no parameters in `params` (a parameter-free module, or one whose layers are '
+        f'created by its parent), so there is no place for {[m.name for m in placement[path]]} leaves. Target '
+        'a module that owns its layers (e.g. the parent block).'
+      ) from None
     stack = stack_shape(path, sites, params)
     dtype = _adapter_dtype(adapter_dtype, site, params, path)
     for j, method in enumerate(placement[path]):

@@ -77,7 +77,9 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
         out[site.path + (leaf,)] = P(*stacked, *(axes.get(c) for c in letters))
   missing = set(flat) - set(out)
   if missing:
-    raise ValueError(f"no spec for {sorted('/'.join(k) for k in missing)[:4]}: they are not in the model's plan.")
+    raise ValueError(
+      f"no spec for {sorted('/'.join(map(str, k)) for k in missing)[:4]}: they are not in the model's plan."
+    )
   return traverse_util.unflatten_dict(out)
 
 

@@ -255,6 +255,8 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
     n_spatial = len(kernel_shape) - 2
     ks = _KERNEL_LETTERS[:n_spatial] + 'IO'
     options = tuple((f, _hashable(getattr(module, f, None))) for f in _CONV_FIELDS)
+    if getattr(module, 'mask', None) is not None:
+      options += (('kernel_mask', True),)
     return Site(
       **common,
       kernel=ks,
@@ -311,11 +313,20 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
   kinds = dict(kinds or {})
   sites: dict[tuple[str, ...], Site] = {}
 
+  active: dict[int, int] = {}
+
   def interceptor(next_fun, call_args, call_kwargs, context):
-    out = next_fun(*call_args, **call_kwargs)
     module = context.module
     if context.method_name != '__call__' or module.scope is None:
-      return out
+      return next_fun(*call_args, **call_kwargs)
+    # A subclass's __call__ that calls super().__call__ is intercepted again on the same module;
+    # record the depth of the innermost call (the one that records its site first).
+    depth = active.get(id(module), 0) + 1
+    active[id(module)] = depth
+    try:
+      out = next_fun(*call_args, **call_kwargs)
+    finally:
+      active[id(module)] = depth - 1
     path = tuple(module.scope.path)
     kind = module_kind(module)
     for target, forced in kinds.items():
@@ -324,6 +335,8 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
     x = _first_array(call_args)
     x_ndim = x.ndim if x is not None else 0
     site = make_site(module, kind, x_ndim, out, call_kwargs)
+    if depth > 1:
+      site = dataclasses.replace(site, options=site.options + (('call_depth', depth),))
     previous = sites.get(path)
     if previous is not None and previous != site:
       # A module called twice with different geometry (e.g. two input ranks) keeps the first.
@@ -401,6 +414,15 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
     for target, kind in kinds.items():
       if paths_lib.matches(target, path):
         hint = kind
+    base_hint = hint[0] if isinstance(hint, tuple) else hint
+    if base_hint is not None and base_hint not in KINDS:
+      raise ValueError(f'`kinds` gives {paths_lib.dotted(path)!r} the kind {hint!r}; expected one of {list(KINDS)}.')
+    if base_hint == 'einsum':
+      raise ValueError(
+        f'`kinds` says {paths_lib.dotted(path)!r} is an einsum, but a bare params tree has no einsum equation; '
+        "describe its kernel as ('dense_general', n_input_axes) when its leading axes meet the input and the rest "
+        'the output (e.g. nnx.Einsum("btd,dhk->bthk"): (\'dense_general\', 1)).'
+      )
     kernel = leaves.get('kernel')
     if kernel is None:
       if hint is not None or 'scale' in leaves:

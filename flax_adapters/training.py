@@ -21,6 +21,9 @@ from flax import traverse_util
 from flax_adapters.forward import AdaptedModel
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
+# A norm's running statistics: state, never trained, even where they sit in the params tree (a whole
+# NNX state: BatchNorm's mean/var; a converted torch state dict: running_mean/var).
+NORM_STATISTICS = frozenset({'mean', 'var', 'running_mean', 'running_var', 'num_batches_tracked'})
 
 
 def _is_trainable(model: AdaptedModel, key: tuple[str, ...]) -> bool:
@@ -30,7 +33,9 @@ def _is_trainable(model: AdaptedModel, key: tuple[str, ...]) -> bool:
   entry = model.sites.get(key[:-1])
   if entry is not None and key[-1] in entry.leaf_names():
     return True
-  return any(key[: len(p)] == p for p in t.heads + t.norms + t.others)
+  if key[-1] not in NORM_STATISTICS and any(key[: len(p)] == p for p in t.norms):
+    return True
+  return any(key[: len(p)] == p for p in t.heads + t.others)
 
 
 def trainable_mask(model: AdaptedModel, params) -> dict:
@@ -82,7 +87,7 @@ def _check_mask(params, mask):
     m = set(traverse_util.flatten_dict(mask)) if isinstance(mask, Mapping) else None
     detail = ''
     if p is not None and m is not None:
-      detail = f' Only in params: {sorted("/".join(k) for k in p - m)[:4]}; only in mask: {sorted("/".join(k) for k in m - p)[:4]}.'
+      detail = f' Only in params: {sorted("/".join(map(str, k)) for k in p - m)[:4]}; only in mask: {sorted("/".join(map(str, k)) for k in m - p)[:4]}.'
     raise ValueError(
       '`mask` must have exactly the structure of `params` (build it with trainable_mask(model, params) '
       f'for these params).{detail}'

@@ -54,16 +54,16 @@ def check_params_fit(
   given = traverse_util.flatten_dict(params)
   expected = traverse_util.flatten_dict(abstract)
   base = expected if base_leaves is None else traverse_util.flatten_dict(base_leaves)
-  adapters = sorted('/'.join(k) for k in given if k[-1] in adapter_leaves and k not in base)
+  adapters = sorted('/'.join(map(str, k)) for k in given if k[-1] in adapter_leaves and k not in base)
   if adapters:
     raise ValueError(
       f'`{argument}` already holds adapter leaves ({_listed(adapters, 4)}). Start from the base params, or '
       'merge_adapters first.'
     )
-  missing = sorted('/'.join(k) for k in expected if k not in given)
-  unexpected = sorted('/'.join(k) for k in given if k not in expected)
+  missing = sorted('/'.join(map(str, k)) for k in expected if k not in given)
+  unexpected = sorted('/'.join(map(str, k)) for k in given if k not in expected)
   wrong = [
-    f'{"/".join(k)}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
+    f'{"/".join(map(str, k))}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
     for k in expected
     if k in given and tuple(np.shape(given[k])) != tuple(expected[k].shape)
   ]

@@ -80,6 +80,12 @@ class Locon(Method):
       raise AdapterError(
         f'Locon adapts convolutions (nn.Conv and its subclasses), but {site.describe()} is not one.{hint}'
       )
+    if site.option('kernel_mask'):
+      raise AdapterError(
+        f'Locon cannot adapt {site.describe()}: the conv multiplies its kernel by a `mask`, which the low-rank '
+        'path would bypass (merged and adapted outputs would differ, and masked taps, e.g. future positions of '
+        'a causal conv, would leak). Use IA3 on it, or leave it out of `locon_targets`.'
+      )
     groups = site.option('feature_group_count') or 1
     if groups != 1:
       raise AdapterError(
@@ -115,7 +121,7 @@ class Locon(Method):
     }
 
   def _down_conv(self, site: Site, dtype) -> nn.Conv:
-    geometry = {k: v for k, v in site.options if k != 'feature_group_count' and v is not None}
+    geometry = {k: v for k, v in site.options if k not in ('feature_group_count', 'kernel_mask') and v is not None}
     return nn.Conv(features=self.rank, use_bias=False, dtype=dtype, param_dtype=dtype, **geometry)
 
   def apply(self, site, leaves, x, y, call, rng=None):

@@ -121,10 +121,16 @@ class LoRA(Method):
     )
 
   def check(self, site: Site) -> None:
-    if site.kind in ('conv', 'conv_other'):
+    if site.kind == 'conv':
       raise AdapterError(
         f'LoRA targets linear layers, but {site.describe()} is a convolution; adapt convolutions '
         "with Locon: add 'locon' to mode and this layer to `locon_targets`."
+      )
+    if site.kind == 'conv_other':
+      raise AdapterError(
+        f'LoRA targets linear layers, but {site.describe()} is a transposed or unshared-weight '
+        'convolution, which neither LoRA nor Locon adapts; leave it out of the targets, or train it whole '
+        f"(modules_to_save=['{site.name}'])."
       )
     if site.kind not in LINEAR_KINDS or site.kernel_shape is None:
       raise AdapterError(

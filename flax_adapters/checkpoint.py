@@ -355,12 +355,13 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
     raise TypeError(f'`model` must be an AdaptedModel prepared with the saved config, found {type(model).__name__}.')
   directory = os.path.abspath(os.fspath(directory))
   meta = read_meta(directory)
+  check_adapter_leaves(params, model)  # base params passed by mistake: say so, do not blame the checkpoint
   if meta['plan'] != plan_to_json(model):
     try:
-      saved = {'.'.join(e['path']): [m['method'] for m in e['methods']] for e in meta['plan']}
+      saved = {'.'.join(map(str, e['path'])): [m['method'] for m in e['methods']] for e in meta['plan']}
     except (KeyError, TypeError) as e:
       raise _damaged(directory, 'adapter plan', e) from e
-    now = {'.'.join(e['path']): [m['method'] for m in e['methods']] for e in plan_to_json(model)}
+    now = {'.'.join(map(str, e['path'])): [m['method'] for m in e['methods']] for e in plan_to_json(model)}
     raise ValueError(
       f'the adapters in {directory!r} do not fit this model: saved plan {saved} vs this model {now}. '
       'Prepare the model with the saved config: TransferConfig(**read_meta(directory)["config"]).'

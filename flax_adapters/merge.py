@@ -20,7 +20,18 @@ from flax_adapters.tree import get_subtree, set_subtree
 
 def _fold_site(entry: SitePlan, module_params):
   names = set(entry.leaf_names())
-  base = {k: v for k, v in module_params.items() if k not in names}
+  for leaf, shape, _ in entry.site.leaves:
+    want = tuple(entry.stack) + tuple(shape)
+    got = tuple(getattr(module_params.get(leaf), 'shape', ())) if leaf in module_params else None
+    if got != want:
+      raise ValueError(
+        f'params at {paths_lib.dotted(entry.site.path)!r}: `{leaf}` is '
+        f'{"missing" if got is None else f"of shape {got}"}, but the model was prepared with {want}. '
+        'Pass the params prepared for this model (prepare_params / load_adapters).'
+      )
+  # Methods fold `kernel`/`bias`; a Haiku layer of a bare tree keys them `w`/`b`.
+  ours = {entry.site.leaf_key(n): n for n in ('kernel', 'bias')}
+  base = {ours.get(k, k): v for k, v in module_params.items() if k not in names}
   remaining = []
   for method in fold_order(entry.methods):
     leaves = {n: module_params[n] for n in method.leaf_names}
@@ -32,6 +43,8 @@ def _fold_site(entry: SitePlan, module_params):
       remaining.append(method)
     else:
       base = folded
+  theirs = {v: k for k, v in ours.items()}
+  base = {theirs.get(k, k): v for k, v in base.items()}
   for method in remaining:
     base.update({n: module_params[n] for n in method.leaf_names})
   return base, sort_methods(remaining)

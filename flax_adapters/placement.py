@@ -158,6 +158,13 @@ def adapt_traced(
         f"{needs_module} need a linen model (they transform a module's output), but a bare params tree has no "
         'forward to wrap; adapt a linen model with prepare_for_transfer / adapt, or use weight-space methods.'
       )
+    # Dropout acts on a layer's input, which folded weights (materialize) never see.
+    dropped = sorted({f'{m.name}(dropout={m.dropout})' for r in rules for m in r.methods if getattr(m, 'dropout', 0)})
+    if dropped:
+      raise ValueError(
+        f'{dropped}: adapter dropout needs the factored forward of a linen model, but a bare params tree is '
+        'used through materialize (folded weights, no inputs to drop). Set the dropout to 0 (lora_dropout=0.0).'
+      )
   placement = rules_lib.place(trace.sites, rules)
   rng = jax.random.key(0) if rng is None else rng
   params, plan = add_adapter_leaves(params, placement, trace.sites, adapter_dtype, rng)

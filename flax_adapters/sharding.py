@@ -63,12 +63,14 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
     if key[-1] in LEAF_NAMES:
       continue
     if key not in base:
-      raise ValueError(f'`base_specs` has no entry for {"/".join(key)}; give a spec (or None) for every base leaf.')
+      raise ValueError(
+        f'`base_specs` has no entry for {"/".join(map(str, key))}; give a spec (or None) for every base leaf.'
+      )
     out[key] = base[key]
   for entry in model.plan:
     site = entry.site
     n_stack = len(entry.stack)
-    kernel_spec = tuple(base.get(site.path + ('kernel',), P()))
+    kernel_spec = tuple(base.get(site.path + (site.leaf_key('kernel'),), P()))
     kernel_spec += (None,) * (n_stack + len(site.kernel) - len(kernel_spec))
     # Stacked layer axes (nn.scan) keep the kernel's spec for those axes.
     stacked, axes = kernel_spec[:n_stack], dict(zip(site.kernel, kernel_spec[n_stack:]))
@@ -101,8 +103,9 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, mesh: Mesh, sp
   `jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh, specs))(params)`.
   """
   state = jax.eval_shape(tx.init, params)
-  shardings = traverse_util.flatten_dict(named_shardings(mesh, specs))
-  shapes = {k: jax.numpy.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+  # Keys as strings on both sides: state paths below are stringified, and NNX lists give int keys.
+  shardings = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(named_shardings(mesh, specs)).items()}
+  shapes = {tuple(map(str, k)): jax.numpy.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
   replicated = NamedSharding(mesh, P())
 
   def follow(path, leaf):

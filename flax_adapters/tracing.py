@@ -91,17 +91,21 @@ class Site:
   def option(self, key: str, default=None):
     return dict(self.options).get(key, default)
 
+  def leaf_key(self, name: str) -> str:
+    """The params key of the canonical leaf `name` ('kernel', 'bias'): Haiku's 'w'/'b' on bare trees."""
+    return dict(self.option('leaf_names', ())).get(name, name)
+
   @property
   def kernel_shape(self) -> tuple[int, ...] | None:
     for name, shape, _ in self.leaves:
-      if name == 'kernel':
+      if name == self.leaf_key('kernel'):
         return shape
     return None
 
   @property
   def kernel_dtype(self):
     for name, _, dtype in self.leaves:
-      if name == 'kernel':
+      if name == self.leaf_key('kernel'):
         return jnp.dtype(dtype)
     return None
 
@@ -387,12 +391,24 @@ class _ParamsModule:
     self.precision = None
 
 
+# Haiku's names for a layer's kernel and bias (hk.Linear, hk.ConvND: `w` laid out like flax's kernel).
+_HAIKU_LEAVES = {'w': 'kernel', 'b': 'bias'}
+
+
+def _haiku_names(leaves: Mapping[str, Any]) -> dict[str, str]:
+  """`{their name: ours}` for a Haiku layer dict (`w`, optional `b`, no `kernel`/`bias`), else {}."""
+  if 'w' not in leaves or 'kernel' in leaves or 'bias' in leaves:
+    return {}
+  return {k: v for k, v in _HAIKU_LEAVES.items() if k in leaves}
+
+
 def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   """Describe the layers of a bare params tree (NNX state, Equinox, Haiku, ...: no linen model).
 
-  A dict holding a `kernel` is a layer: 2-D kernels are Dense; other ranks need a hint in
-  `kinds` (`'conv'`, or `('dense_general', n_input_axes)`). A dict with a `scale` and no kernel
-  is a norm.
+  A dict holding a `kernel` (Haiku: `w`, with its bias `b`) is a layer: 2-D kernels are Dense; other
+  ranks need a hint in `kinds` (`'conv'`, or `('dense_general', n_input_axes)`). A dict with a
+  `scale` and no kernel is a norm (all its leaves but running statistics train with
+  `unfreeze_norm`, Haiku's `offset` included).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -405,7 +421,15 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   kinds = dict(kinds or {})
   sites = {}
   flat = traverse_util.flatten_dict(params)
-  for path in sorted({k[:-1] for k in flat}):
+  for key, value in flat.items():
+    if value is not None and not hasattr(value, 'shape') and not isinstance(value, (int, float, complex)):
+      raise TypeError(
+        f'`params` must be nested dicts of arrays, but {"/".join(map(str, key))} is a {type(value).__name__}. '
+        'Convert lists/tuples of layers to dicts keyed by index ({0: ..., 1: ...}, as nnx.to_pure_dict does).'
+      )
+    if value is None:
+      raise TypeError(f'`params` has None at {"/".join(map(str, key))}; drop absent leaves (e.g. a missing bias).')
+  for path in sorted({k[:-1] for k in flat}, key=lambda p: tuple(map(str, p))):
     node = params
     for key in path:
       node = node[key]
@@ -423,7 +447,15 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
         "describe its kernel as ('dense_general', n_input_axes) when its leading axes meet the input and the rest "
         'the output (e.g. nnx.Einsum("btd,dhk->bthk"): (\'dense_general\', 1)).'
       )
+    aliases = _haiku_names(leaves)
+    leaves = {aliases.get(k, k): v for k, v in leaves.items()}
     kernel = leaves.get('kernel')
+    if kernel is None and base_hint in ('dense', 'dense_general', 'conv'):
+      raise ValueError(
+        f'`kinds` says {paths_lib.dotted(path)!r} is {base_hint!r}, but it has no `kernel` leaf (it holds '
+        f'{sorted(map(str, leaves))}). A layer of a bare tree holds its kernel as `kernel` (flax, NNX) or `w` '
+        '(Haiku), laid out (*inputs, outputs); transpose a torch-layout `weight` ([out, in]) into a `kernel`.'
+      )
     if kernel is None:
       if hint is not None or 'scale' in leaves:
         sites[path] = Site(
@@ -443,9 +475,26 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
     n_in = None
     if isinstance(hint, tuple):
       hint, n_in = hint
+      if isinstance(n_in, bool) or not isinstance(n_in, int) or not 1 <= n_in < np.ndim(kernel):
+        raise ValueError(
+          f'`kinds` gives {paths_lib.dotted(path)!r} {(hint, n_in)!r}; n_input_axes must be an int in '
+          f'[1, {np.ndim(kernel) - 1}] for its {np.ndim(kernel)}-D kernel {tuple(np.shape(kernel))}.'
+        )
+    if hint == 'conv' and np.ndim(kernel) < 3:
+      raise ValueError(
+        f'`kinds` says {paths_lib.dotted(path)!r} is a conv, but its kernel is {np.ndim(kernel)}-D (a conv kernel is (*window, in, out)).'
+      )
     module = _ParamsModule(path, leaves, hint, n_in)
     x_ndim = (n_in or 1) + 1 if hint != 'conv' else np.ndim(kernel)
     y = jax.ShapeDtypeStruct((1,) * (x_ndim - (n_in or 1)) + tuple(np.shape(kernel)[(n_in or 1) :]), kernel.dtype)
-    sites[path] = make_site(module, hint, x_ndim, y, {})
+    site = make_site(module, hint, x_ndim, y, {})
+    if aliases:  # record the tree's own names: the leaves as they are keyed, and which is the kernel/bias
+      back = {v: k for k, v in aliases.items()}
+      site = dataclasses.replace(
+        site,
+        leaves=tuple((back.get(n, n), shape, dtype) for n, shape, dtype in site.leaves),
+        options=site.options + (('leaf_names', tuple(sorted(back.items()))),),
+      )
+    sites[path] = site
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)), params)
   return Trace(variables={'params': abstract}, sites=sites)

@@ -18,7 +18,7 @@ import jax
 import optax
 from flax import traverse_util
 
-from flax_adapters.forward import AdaptedModel
+from flax_adapters.forward import AdaptedModel, check_adapter_leaves
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
 # A norm's running statistics: state, never trained, even where they sit in the params tree (a whole
@@ -52,6 +52,7 @@ def trainable_mask(model: AdaptedModel, params) -> dict:
   """
   if not isinstance(model, AdaptedModel):
     raise TypeError(f'`model` must be the AdaptedModel from prepare_for_transfer, found {type(model).__name__}.')
+  check_adapter_leaves(params, model)  # base params would give an all-False mask: nothing would train
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({k: _is_trainable(model, k) for k in flat})
 

@@ -238,8 +238,18 @@ def check_choice(value: Any, choices: Sequence[str], name: str, hint: str = '') 
     raise ValueError(f'`{name}` must be one of {list(choices)}, found {value!r}.{" " + hint if hint else ""}')
 
 
+def require_float_kernel(method: str, site: Site) -> None:
+  dtype = site.kernel_dtype
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+    raise AdapterError(
+      f'{method} cannot adapt {site.describe()}: its kernel is {dtype}, and a folded delta would be truncated '
+      'to integers. Dequantize the kernel first.'
+    )
+
+
 def require_kernel_letters(method: str, site: Site) -> None:
   """Linear-algebra adapters need every kernel axis to be an input or an output feature axis."""
+  require_float_kernel(method, site)
   if site.unsupported_letters:
     raise AdapterError(
       f'{method} cannot adapt {site.describe()}: kernel axes {site.unsupported_letters!r} of '

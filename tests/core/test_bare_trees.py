@@ -1,0 +1,140 @@
+"""Bare params trees (Haiku, Equinox, NNX, plain dicts): what `prepare_params`/`materialize` accept,
+what they fold, and the errors for what they cannot take. Float64 for identities."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import flax_adapters as fa
+
+F64 = jnp.float64
+
+
+def haiku_tree():
+  k = jax.random.split(jax.random.key(0), 4)
+  return {
+    'mlp/~/linear_0': {'w': jax.random.normal(k[0], (4, 8), F64), 'b': jax.random.normal(k[1], (8,), F64)},
+    'mlp/~/linear_1': {'w': jax.random.normal(k[2], (8, 3), F64)},
+    'layer_norm': {'scale': jnp.ones(4, F64), 'offset': jnp.zeros(4, F64)},
+    'conv1_d': {'w': jax.random.normal(k[3], (3, 4, 4), F64), 'b': jnp.zeros(4, F64)},
+  }
+
+
+def haiku_forward(p, x):
+  x = (x - x.mean(-1, keepdims=True)) * p['layer_norm']['scale'] + p['layer_norm']['offset']
+  dn = ('NWC', 'WIO', 'NWC')
+  x = jax.lax.conv_general_dilated(x, p['conv1_d']['w'], (1,), 'SAME', dimension_numbers=dn) + p['conv1_d']['b']
+  h = jax.nn.relu(x @ p['mlp/~/linear_0']['w'] + p['mlp/~/linear_0']['b'])
+  return h @ p['mlp/~/linear_1']['w']
+
+
+HAIKU_RULES = [
+  fa.Rule(target='mlp/~/linear_0', methods=[fa.LoRA(rank=2, alpha=4), fa.IA3()]),
+  fa.Rule(target='mlp/~/linear_1', methods=fa.LoRA(rank=2, alpha=4)),
+  fa.Rule(target='conv1_d', methods=fa.Locon(rank=2, alpha=2)),
+]
+
+
+def test_haiku_layers_are_found_by_their_w_and_b():
+  with jax.enable_x64(True):
+    params = haiku_tree()
+    model, p = fa.adapt(None, params, HAIKU_RULES, kinds={'conv1_d': 'conv'})
+    assert sorted(p['mlp/~/linear_0']) == ['b', 'ia3_scale', 'lora_a', 'lora_b', 'w']
+    x = jax.random.normal(jax.random.key(5), (2, 5, 4), F64)
+    np.testing.assert_array_equal(haiku_forward(fa.materialize(p, model), x), haiku_forward(params, x))
+
+    p = jax.tree.map(lambda v: v + 0.1 * jax.random.normal(jax.random.key(v.size), v.shape, F64), p)
+    folded = fa.materialize(p, model)
+    assert jax.tree.structure(folded) == jax.tree.structure(params)  # Haiku's names, nothing else
+    lin = p['mlp/~/linear_0']
+    # IA3 scales the output features of W + 2·A·B and of `b` (IA3 folds after LoRA).
+    want_w = (lin['w'] + 2.0 * lin['lora_a'] @ lin['lora_b']) * lin['ia3_scale']
+    np.testing.assert_allclose(folded['mlp/~/linear_0']['w'], want_w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(folded['mlp/~/linear_0']['b'], lin['b'] * lin['ia3_scale'], rtol=1e-12, atol=1e-12)
+    conv = p['conv1_d']
+    want_conv = conv['w'] + jnp.einsum('wir,ro->wio', conv['locon_down'], conv['locon_up'][0])  # alpha/rank = 1
+    np.testing.assert_allclose(folded['conv1_d']['w'], want_conv, rtol=1e-12, atol=1e-12)
+
+    mask = fa.trainable_mask(model, p)
+    assert mask['mlp/~/linear_0'] == {'w': False, 'b': False, 'lora_a': True, 'lora_b': True, 'ia3_scale': True}
+
+
+def test_haiku_tree_through_transfer_config_and_an_optimizer():
+  params = jax.tree.map(lambda v: v.astype(jnp.float32), haiku_tree())
+  config = fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['re:mlp/~/linear_.*'])
+  model, p = fa.prepare_params(params, config, kinds={'conv1_d': 'conv'})
+  mask = fa.trainable_mask(model, p)
+  assert mask['layer_norm'] == {'scale': True, 'offset': True}  # unfreeze_norm: Haiku's offset too
+  tx = fa.transfer_optimizer(optax.adamw(1e-2, weight_decay=0.1), mask)
+  x = jnp.ones((2, 5, 4))
+  grads = jax.grad(lambda q: jnp.sum(haiku_forward(fa.materialize(q, model), x) ** 2))(p)
+  updates, _ = tx.update(grads, tx.init(p), p)
+  stepped = optax.apply_updates(p, updates)
+  np.testing.assert_array_equal(stepped['mlp/~/linear_0']['w'], p['mlp/~/linear_0']['w'])
+  assert not np.allclose(stepped['mlp/~/linear_0']['lora_a'], p['mlp/~/linear_0']['lora_a'])
+
+
+def test_kinds_hint_on_a_dict_without_a_kernel_says_how_kernels_are_named():
+  params = {'fc': {'weight': jnp.ones((3, 4))}}  # torch layout, [out, in]
+  with pytest.raises(
+    ValueError, match=r"no `kernel` leaf \(it holds \['weight'\]\).*transpose a torch-layout `weight`"
+  ):
+    fa.adapt(None, params, [fa.Rule(target='fc', methods=fa.LoRA(rank=1))], kinds={'fc': 'dense'})
+
+
+@pytest.mark.parametrize(
+  'params, message',
+  [
+    ({'layers': [{'kernel': jnp.ones((2, 2))}]}, r'`params` must be nested dicts of arrays, but layers is a list'),
+    ({'fc': {'kernel': jnp.ones((2, 2)), 'bias': None}}, r'`params` has None at fc/bias; drop absent leaves'),
+  ],
+)
+def test_containers_other_than_dicts_are_refused(params, message):
+  with pytest.raises(TypeError, match=message):
+    fa.trace_params(params)
+
+
+@pytest.mark.parametrize(
+  'hint, message',
+  [
+    (('dense_general', 0), r'n_input_axes must be an int in \[1, 2\] for its 3-D kernel'),
+    (('dense_general', '2'), r'n_input_axes must be an int in \[1, 2\]'),
+    ('conv', None),
+  ],
+)
+def test_kinds_hint_values_are_checked(hint, message):
+  params = {'fc': {'kernel': jnp.ones((4, 2, 3))}}
+  if message is None:
+    fa.trace_params(params, kinds={'fc': hint})  # a 3-D kernel can be a 1-D conv
+    with pytest.raises(ValueError, match=r"`kinds` says 'fc' is a conv, but its kernel is 2-D"):
+      fa.trace_params({'fc': {'kernel': jnp.ones((4, 3))}}, kinds={'fc': 'conv'})
+  else:
+    with pytest.raises(ValueError, match=message):
+      fa.trace_params(params, kinds={'fc': hint})
+
+
+def test_base_params_where_prepared_ones_belong():
+  params = {'fc': {'kernel': jnp.ones((4, 3))}}
+  model, p = fa.prepare_params(params, fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['fc']))
+  with pytest.raises(ValueError, match=r'lack'):
+    fa.trainable_mask(model, params)  # would be all False: nothing would train
+  bad = {'fc': {**p['fc'], 'kernel': jnp.ones((1, 3))}}  # would broadcast silently
+  with pytest.raises(
+    ValueError, match=r"params at 'fc': `kernel` is of shape \(1, 3\), but the model was prepared with \(4, 3\)"
+  ):
+    fa.materialize(bad, model)
+
+
+def test_integer_kernels_are_refused():
+  params = {'fc': {'kernel': jnp.ones((4, 3), jnp.int8)}}
+  with pytest.raises(fa.AdapterError, match=r'its kernel is int8, and a folded delta would be truncated'):
+    fa.prepare_params(params, fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['fc']))
+
+
+def test_adapter_dropout_on_a_bare_tree_is_refused():
+  params = {'fc': {'kernel': jnp.ones((4, 3))}}
+  config = fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['fc'], lora_dropout=0.1)
+  with pytest.raises(ValueError, match=r"\['lora\(dropout=0\.1\)'\]: adapter dropout needs the factored forward"):
+    fa.prepare_params(params, config)

@@ -54,6 +54,8 @@ CHECKPOINT_ENTRIES = frozenset({'params', 'meta', 'commit_success.txt'})
 def _jsonable(value):
   if isinstance(value, re.Pattern):
     return 're:' + value.pattern
+  if isinstance(value, np.generic):  # np.int64(4), np.float32(16.0): the value, not its dtype's name
+    return value.item()
   if isinstance(value, (list, tuple)):
     return [_jsonable(v) for v in value]
   if isinstance(value, dict):
@@ -358,13 +360,24 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
   check_adapter_leaves(params, model)  # base params passed by mistake: say so, do not blame the checkpoint
   if meta['plan'] != plan_to_json(model):
     try:
-      saved = {'.'.join(map(str, e['path'])): [m['method'] for m in e['methods']] for e in meta['plan']}
+      saved = {'.'.join(map(str, e['path'])): e['methods'] for e in meta['plan']}
     except (KeyError, TypeError) as e:
       raise _damaged(directory, 'adapter plan', e) from e
-    now = {'.'.join(map(str, e['path'])): [m['method'] for m in e['methods']] for e in plan_to_json(model)}
+    now = {'.'.join(map(str, e['path'])): e['methods'] for e in plan_to_json(model)}
+    # Name the sites that differ, with each method's settings (a rank or alpha shows there).
+    differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    shown = '; '.join(f'{k}: saved {saved.get(k)} vs this model {now.get(k)}' for k in differ[:3])
     raise ValueError(
-      f'the adapters in {directory!r} do not fit this model: saved plan {saved} vs this model {now}. '
-      'Prepare the model with the saved config: TransferConfig(**read_meta(directory)["config"]).'
+      f'the adapters in {directory!r} do not fit this model at {len(differ)} site(s) ({shown}'
+      f'{" ..." if len(differ) > 3 else ""}). Prepare the model with the saved config: '
+      'TransferConfig(**read_meta(directory)["config"]), or use restore_transfer.'
+    )
+  if 'trainable' in meta and meta['trainable'] != trainable_to_json(model.trainable):
+    raise ValueError(
+      f'the checkpoint in {directory!r} holds another set of trained leaves than this model trains (saved '
+      f'{meta["trainable"]}, this model {trainable_to_json(model.trainable)}: another `unfreeze_norm`, '
+      '`modules_to_save` or head setting). Prepare the model with the saved config: '
+      'TransferConfig(**read_meta(directory)["config"]), or use restore_transfer.'
     )
   _compare_fingerprints(meta['base'], model, params, directory)
   # orbax keeps dict keys as strings; NNX lists give integer keys, restored through their str form.

@@ -136,15 +136,21 @@ def topmost(paths) -> tuple[Path, ...]:
 def place(sites: Mapping[Path, Site], rules: Sequence[Rule]) -> dict[Path, tuple[Method, ...]]:
   """Which methods go on which module (in forward order), every placement checked.
 
-  Raises when rules match no module (all of them listed), when a method cannot adapt a module
-  its rule matches (the method says why), or when one method would land twice on one module.
+  Rules are ordered: a method goes on a module from the first rule that places it there (so a
+  specific rule before a general one sets, e.g., one layer's rank), and later rules skip that
+  module for that method. Raises when rules match no module (all of them listed), when a rule
+  places nothing because earlier rules cover all it matches, when a method cannot adapt a module
+  its rule matches (the method says why), or when two entries of one `TransferConfig` target list
+  put one method twice on one module.
   """
   unmatched = [r for r in rules if not any(paths_lib.matches(r.target, p) for p in sites)]
   if unmatched:
     raise ValueError(' '.join(_no_match(r.target, r.name, sites) for r in unmatched) + _HOW_TARGETS_MATCH)
   placed: dict[Path, dict[str, tuple[Method, Rule]]] = {}
+  shadowed = []
   for rule in rules:
     every = [p for p in sites if paths_lib.matches(rule.target, p)]
+    placed_any = False
     for method in rule.methods:
       kinds, only_topmost = method.placement_kinds()
       fitting = [p for p in every if sites[p].kind in kinds]
@@ -158,16 +164,30 @@ def place(sites: Mapping[Path, Site], rules: Sequence[Rule]) -> dict[Path, tuple
           f'{method.name} can adapt (it adapts {list(kinds)}).'
         )
       for path in fitting:
-        method.check(sites[path])
-        method.check_size(sites[path])
         previous = placed.setdefault(path, {}).get(method.name)
         if previous is not None:
           before = previous[1]
-          where = f'in `{rule.name}`' if before.name == rule.name else f'in `{before.name}` and `{rule.name}`'
+          if before.argument is None or before.argument != rule.argument:
+            continue  # ordered rules: the first that places this method on the module wins
           raise ValueError(
             f'{method.name} would be added twice to {paths_lib.dotted(path)}: both '
-            f'{paths_lib.describe_target(before.target)!r} and {paths_lib.describe_target(rule.target)!r} {where} '
-            'match it. Each layer gets one adapter of each kind; make the targets disjoint.'
+            f'{paths_lib.describe_target(before.target)!r} and {paths_lib.describe_target(rule.target)!r} in '
+            f'`{rule.name}` match it. Each layer gets one adapter of each kind; make the targets disjoint (or write '
+            'ordered rules, where the first match wins).'
           )
+        method.check(sites[path])
+        method.check_size(sites[path])
         placed[path][method.name] = (method, rule)
+        placed_any = True
+    if not placed_any:
+      shadowed.append(rule)
+  if shadowed:
+    raise ValueError(
+      ' '.join(
+        f'`{r.name}` entry {paths_lib.describe_target(r.target)!r} places nothing: every module it matches already '
+        f'has {[m.name for m in r.methods]} from an earlier rule (first match wins).'
+        for r in shadowed
+      )
+      + ' Drop it, or move it before the rules that shadow it.'
+    )
   return {path: sort_methods(m for m, _ in entries.values()) for path, entries in placed.items()}

@@ -24,6 +24,8 @@ from flax_adapters.methods.lora import LoRA
 REGISTRY: dict[str, type[Method]] = {}
 # Leaf names a base model may have; an adapter leaf must not shadow one.
 _RESERVED = frozenset({'kernel', 'bias', 'scale', 'embedding'})
+# TransferConfig's modes that are not methods.
+_BASE_MODES = ('linear', 'full')
 
 
 def register_method(cls: type[Method]) -> type[Method]:
@@ -65,6 +67,11 @@ def register_method(cls: type[Method]) -> type[Method]:
     raise ValueError(
       f'an adapter method named {cls.name!r} is already registered ({REGISTRY[cls.name].__name__}); '
       'choose another `name`, or unregister_method it first.'
+    )
+  if cls.name in _BASE_MODES or cls.transfer_mode() in _BASE_MODES:
+    raise ValueError(
+      f"{cls.__name__}: name {cls.name!r} / mode {cls.transfer_mode()!r} is one of TransferConfig's base modes "
+      f'{list(_BASE_MODES)} (what trains, not a method), so a config could never place it; choose another `name`.'
     )
   if cls.stage not in STAGES:
     raise ValueError(f'{cls.__name__}.stage must be one of {list(STAGES)}, found {cls.stage!r}.')

@@ -148,6 +148,12 @@ class LoRA(Method):
         'use `LoRA(..., allow_excess_rank=True)`).'
       )
 
+  def to_json(self) -> dict:
+    out = super().to_json()
+    if not self.allow_excess_rank:  # as checkpoints written before the field existed
+      del out['allow_excess_rank']
+    return out
+
   def layout(self, site: Site) -> dict[str, str]:
     return {'lora_a': site.feature_in + RANK, 'lora_b': RANK + site.feature_out}
 

@@ -366,7 +366,9 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
     now = {'.'.join(map(str, e['path'])): e['methods'] for e in plan_to_json(model)}
     # Name the sites that differ, with each method's settings (a rank or alpha shows there).
     differ = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    shown = '; '.join(f'{k}: saved {saved.get(k)} vs this model {now.get(k)}' for k in differ[:3])
+    shown = '; '.join(
+      f'{k}: saved {saved.get(k, "no adapter")} vs this model {now.get(k, "no adapter")}' for k in differ[:3]
+    )
     raise ValueError(
       f'the adapters in {directory!r} do not fit this model at {len(differ)} site(s) ({shown}'
       f'{" ..." if len(differ) > 3 else ""}). Prepare the model with the saved config: '

@@ -49,8 +49,7 @@ def _check_targets(targets: tuple, name: str) -> None:
     )
 
 
-# The fields each built-in mode reads: set away from its default while that mode is off, a field
-# would do nothing, so it is refused. (IA3 and IA3_FF are one mode with two target lists.)
+# The fields each built-in mode reads (IA3 and IA3_FF are one mode with two target lists).
 _MODE_FIELDS = {
   'lora': ('lora_rank', 'lora_alpha', 'lora_targets', 'use_rslora', 'lora_dropout'),
   'locon': ('locon_rank', 'locon_alpha', 'locon_targets'),
@@ -197,31 +196,12 @@ class TransferConfig:
     self.rules()  # each mode's method checks its own fields (e.g. targets required) here, not later
 
   def _refuse_unused_fields(self) -> None:
-    """A field set away from its default for a mode that is off would be silently ignored."""
-    defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
-    for mode, names in _MODE_FIELDS.items():
-      if mode in self.modes:
-        continue
-      changed = [
-        n for n in names if getattr(self, n) != (_as_tuple(defaults[n], n) if n.endswith('_targets') else defaults[n])
-      ]
-      if changed:
-        raise ValueError(
-          f'{changed} set, but `mode` {list(self.modes)} does not include {mode!r}, so they would be ignored. '
-          f'Add {mode!r} to `mode` (e.g. mode={[*self.modes, mode]}) or drop them.'
-        )
-    if self.trains_everything and not self.unfreeze_norm:
-      raise ValueError(
-        "`unfreeze_norm=False` has no effect with mode='full' (every weight trains, norms included). Drop it, "
-        "or freeze the norms with a mode that keeps the trunk frozen (e.g. mode='lora')."
-      )
+    """`options` for a built-in method would never be read (it has fields of its own): refuse it.
+
+    A field of a mode that is off is not used, on purpose: one set of settings serves every mode
+    (switch `mode`, keep the targets), as in AlphaGenome's API.
+    """
     for name in self.options:
-      cls = methods_lib.get_method(name)
-      if cls.transfer_mode() not in self.modes:
-        raise ValueError(
-          f'`options[{name!r}]` set, but `mode` {list(self.modes)} does not include {cls.transfer_mode()!r}, so '
-          f'it would be ignored. Add {cls.transfer_mode()!r} to `mode` or drop the option.'
-        )
       if name in _MODE_FIELDS:
         raise ValueError(
           f'`options[{name!r}]` would be ignored: {name} reads its own TransferConfig fields '

@@ -55,7 +55,10 @@ def test_refused_on_a_different_base(trained, tmp_path):
     config(mode='lora', remove_heads=['dnase'], new_heads={'new': {'modality': 'atac', 'num_tracks': 2}}),
     x,
   )
-  with pytest.raises(ValueError, match=r'do not fit this model: saved plan .*houlsby'):
+  with pytest.raises(
+    ValueError,
+    match=r'do not fit this model at 4 site\(s\) \(blocks_0\.mha: saved \[\{.method.: .houlsby.*vs this model no adapter',
+  ):
     fa.load_adapters(path, a3, p3)
 
 

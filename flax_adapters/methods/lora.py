@@ -84,7 +84,7 @@ class LoRA(Method):
   dropout: float = 0.0
   # A rank above min(fan_in, fan_out) only wastes parameters; new adapters refuse it, but an imported
   # one (PEFT allows any r) must keep its trained rank, and (x·A)·B is exact for any rank.
-  allow_excess_rank: bool = dataclasses.field(default=False, compare=False)
+  allow_excess_rank: bool = dataclasses.field(default=False, compare=False, repr=False)
 
   def __post_init__(self):
     check_positive_int(self.rank, 'rank')

@@ -38,6 +38,7 @@ from flax import traverse_util
 
 from flax_adapters import atomic
 from flax_adapters import methods as methods_lib
+from flax_adapters import paths as paths_lib
 from flax_adapters.config import TransferConfig
 from flax_adapters.forward import AdaptedModel, Trainable, check_adapter_leaves
 from flax_adapters.training import trainable_mask
@@ -131,7 +132,7 @@ def _digest_v1(leaf) -> list[float]:
 def _structure(params) -> list[tuple[str, tuple[int, ...], str]]:
   flat = traverse_util.flatten_dict(params)
   return sorted(
-    ('/'.join(map(str, k)), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
+    (paths_lib.raw(k), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
     for k, v in flat.items()
     if k[-1] not in methods_lib.LEAF_NAMES
   )
@@ -142,7 +143,7 @@ def base_fingerprint(model: AdaptedModel, params) -> dict[str, Any]:
   mask = traverse_util.flatten_dict(trainable_mask(model, params))
   flat = traverse_util.flatten_dict(params)
   structure = _structure(params)
-  values = {'/'.join(map(str, k)): _digest(v) for k, v in sorted(flat.items()) if not mask[k]}
+  values = {paths_lib.raw(k): _digest(v) for k, v in sorted(flat.items()) if not mask[k]}
   return {
     'structure_sha256': hashlib.sha256(repr(structure).encode()).hexdigest(),
     'structure': [list(s[:1]) + [list(s[1]), s[2]] for s in structure],
@@ -165,7 +166,7 @@ def _compare_fingerprints(saved, model: AdaptedModel, params, directory) -> None
       f'{len(diffs)} leaves differ ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}). '
       'Load it onto the base it was trained on, prepared with the saved config.'
     )
-  flat = {'/'.join(map(str, k)): v for k, v in traverse_util.flatten_dict(params).items()}
+  flat = {paths_lib.raw(k): v for k, v in traverse_util.flatten_dict(params).items()}
   for key, digest in saved['frozen_values'].items():
     now = current['frozen_values'].get(key)
     if now is not None and len(digest) == 2:  # saved by an earlier version

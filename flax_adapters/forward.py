@@ -8,7 +8,6 @@ never rebuilt as `W + s·A·B`, so a training step costs only what the adapters 
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -20,13 +19,11 @@ from flax import traverse_util
 from flax_adapters import methods as methods_lib
 from flax_adapters import paths as paths_lib
 from flax_adapters.methods.base import BYPASS
-from flax_adapters.tracing import Site
+from flax_adapters.tracing import Site, nested_call
 
 Path = tuple[str, ...]
 # The rng stream that switches adapter dropout on: apply(..., rngs={ADAPTER_DROPOUT: key}).
 ADAPTER_DROPOUT = 'adapter_dropout'
-# Per module (by id), how deep in its own nested __call__s (super().__call__) the forward is.
-_DEPTHS: contextvars.ContextVar[dict | None] = contextvars.ContextVar('flax_adapters_call_depths', default=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +130,10 @@ class AdaptedModel:
     if entry is None:
       return next_fun(*args, **kwargs)
     site = entry.site
-    depths = _DEPTHS.get() or {}
-    depth = depths.get(id(module), 0) + 1
-    token = _DEPTHS.set({**depths, id(module): depth})
-    try:
+    with nested_call(module) as depth:
       if depth != site.option('call_depth', 1):  # the outer call of a super().__call__ chain
         return next_fun(*args, **kwargs)
       return self._adapted_call(entry, module, next_fun, args, kwargs)
-    finally:
-      _DEPTHS.reset(token)
 
   def _adapted_call(self, entry, module, next_fun, args, kwargs):
     site = entry.site

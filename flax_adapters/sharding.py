@@ -15,6 +15,7 @@ import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from flax_adapters import paths as paths_lib
 from flax_adapters.forward import AdaptedModel
 from flax_adapters.methods import LEAF_NAMES
 
@@ -64,7 +65,7 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
       continue
     if key not in base:
       raise ValueError(
-        f'`base_specs` has no entry for {"/".join(map(str, key))}; give a spec (or None) for every base leaf.'
+        f'`base_specs` has no entry for {paths_lib.raw(key)}; give a spec (or None) for every base leaf.'
       )
     out[key] = base[key]
   for entry in model.plan:
@@ -79,9 +80,7 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
         out[site.path + (leaf,)] = P(*stacked, *(axes.get(c) for c in letters))
   missing = set(flat) - set(out)
   if missing:
-    raise ValueError(
-      f"no spec for {sorted('/'.join(map(str, k)) for k in missing)[:4]}: they are not in the model's plan."
-    )
+    raise ValueError(f"no spec for {sorted(paths_lib.raw(k) for k in missing)[:4]}: they are not in the model's plan.")
   return traverse_util.unflatten_dict(out)
 
 

@@ -9,6 +9,8 @@ small hashable description that the adapter methods compute with.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import string
 from collections.abc import Mapping
@@ -302,6 +304,23 @@ def _first_array(args):
   return None
 
 
+# Per module (by id), how deep the current call is in that module's own nested `__call__`s: a
+# subclass's `__call__` that calls `super().__call__` is intercepted again on the same module.
+_CALL_DEPTHS: contextvars.ContextVar[dict | None] = contextvars.ContextVar('flax_adapters_call_depths', default=None)
+
+
+@contextlib.contextmanager
+def nested_call(module):
+  """Count one more `__call__` of `module` in progress; yields its depth (1 for the outermost)."""
+  depths = _CALL_DEPTHS.get() or {}
+  depth = depths.get(id(module), 0) + 1
+  token = _CALL_DEPTHS.set({**depths, id(module): depth})
+  try:
+    yield depth
+  finally:
+    _CALL_DEPTHS.reset(token)
+
+
 def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | None = None, **kwargs) -> Trace:
   """Trace `model.init(rngs, *args, **kwargs)` abstractly and describe every module it calls.
 
@@ -317,20 +336,13 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
   kinds = dict(kinds or {})
   sites: dict[tuple[str, ...], Site] = {}
 
-  active: dict[int, int] = {}
-
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*call_args, **call_kwargs)
-    # A subclass's __call__ that calls super().__call__ is intercepted again on the same module;
-    # record the depth of the innermost call (the one that records its site first).
-    depth = active.get(id(module), 0) + 1
-    active[id(module)] = depth
-    try:
+    # The innermost of nested calls records its site first, with its depth.
+    with nested_call(module) as depth:
       out = next_fun(*call_args, **call_kwargs)
-    finally:
-      active[id(module)] = depth - 1
     path = tuple(module.scope.path)
     kind = module_kind(module)
     for target, forced in kinds.items():
@@ -424,11 +436,11 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   for key, value in flat.items():
     if value is not None and not hasattr(value, 'shape') and not isinstance(value, (int, float, complex)):
       raise TypeError(
-        f'`params` must be nested dicts of arrays, but {"/".join(map(str, key))} is a {type(value).__name__}. '
+        f'`params` must be nested dicts of arrays, but {paths_lib.raw(key)} is a {type(value).__name__}. '
         'Convert lists/tuples of layers to dicts keyed by index ({0: ..., 1: ...}, as nnx.to_pure_dict does).'
       )
     if value is None:
-      raise TypeError(f'`params` has None at {"/".join(map(str, key))}; drop absent leaves (e.g. a missing bias).')
+      raise TypeError(f'`params` has None at {paths_lib.raw(key)}; drop absent leaves (e.g. a missing bias).')
   for path in sorted({k[:-1] for k in flat}, key=lambda p: tuple(map(str, p))):
     node = params
     for key in path:

@@ -18,6 +18,7 @@ import jax
 import optax
 from flax import traverse_util
 
+from flax_adapters import paths as paths_lib
 from flax_adapters.forward import AdaptedModel, check_adapter_leaves
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
@@ -88,7 +89,7 @@ def _check_mask(params, mask):
     m = set(traverse_util.flatten_dict(mask)) if isinstance(mask, Mapping) else None
     detail = ''
     if p is not None and m is not None:
-      detail = f' Only in params: {sorted("/".join(map(str, k)) for k in p - m)[:4]}; only in mask: {sorted("/".join(map(str, k)) for k in m - p)[:4]}.'
+      detail = f' Only in params: {sorted(paths_lib.raw(k) for k in p - m)[:4]}; only in mask: {sorted(paths_lib.raw(k) for k in m - p)[:4]}.'
     raise ValueError(
       '`mask` must have exactly the structure of `params` (build it with trainable_mask(model, params) '
       f'for these params).{detail}'

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 from flax import traverse_util
 
+from flax_adapters import paths as paths_lib
+
 Path = tuple[str, ...]
 
 
@@ -54,16 +56,16 @@ def check_params_fit(
   given = traverse_util.flatten_dict(params)
   expected = traverse_util.flatten_dict(abstract)
   base = expected if base_leaves is None else traverse_util.flatten_dict(base_leaves)
-  adapters = sorted('/'.join(map(str, k)) for k in given if k[-1] in adapter_leaves and k not in base)
+  adapters = sorted(paths_lib.raw(k) for k in given if k[-1] in adapter_leaves and k not in base)
   if adapters:
     raise ValueError(
       f'`{argument}` already holds adapter leaves ({_listed(adapters, 4)}). Start from the base params, or '
       'merge_adapters first.'
     )
-  missing = sorted('/'.join(map(str, k)) for k in expected if k not in given)
-  unexpected = sorted('/'.join(map(str, k)) for k in given if k not in expected)
+  missing = sorted(paths_lib.raw(k) for k in expected if k not in given)
+  unexpected = sorted(paths_lib.raw(k) for k in given if k not in expected)
   wrong = [
-    f'{"/".join(map(str, k))}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
+    f'{paths_lib.raw(k)}: expected {tuple(expected[k].shape)}, found {tuple(np.shape(given[k]))}'
     for k in expected
     if k in given and tuple(np.shape(given[k])) != tuple(expected[k].shape)
   ]

@@ -192,10 +192,10 @@ class TransferConfig:
     check_adapter_dtype(self.adapter_dtype)
     self._normalise_heads()
     self._normalise_options()
-    self._refuse_unused_fields()
+    self._refuse_ignored_options()
     self.rules()  # each mode's method checks its own fields (e.g. targets required) here, not later
 
-  def _refuse_unused_fields(self) -> None:
+  def _refuse_ignored_options(self) -> None:
     """`options` for a built-in method would never be read (it has fields of its own): refuse it.
 
     A field of a mode that is off is not used, on purpose: one set of settings serves every mode

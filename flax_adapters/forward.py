@@ -18,6 +18,7 @@ from flax import traverse_util
 
 from flax_adapters import methods as methods_lib
 from flax_adapters import paths as paths_lib
+from flax_adapters import tree as tree_lib
 from flax_adapters.methods.base import BYPASS
 from flax_adapters.tracing import Site, nested_call
 
@@ -161,9 +162,10 @@ class AdaptedModel:
 def check_adapter_leaves(params, model: AdaptedModel) -> None:
   """Every planned adapter leaf is present with the planned shape, and none is left unplanned (never ignored)."""
   flat = traverse_util.flatten_dict(params) if isinstance(params, Mapping) else {}
+  foreign = tree_lib.foreign_adapter_dicts(params, methods_lib.LEAF_NAMES) if model.base is None and flat else set()
   found: dict[Path, set[str]] = {}
   for key in flat:
-    if key and key[-1] in methods_lib.LEAF_NAMES:
+    if key and key[-1] in methods_lib.LEAF_NAMES and tuple(key[:-1]) not in foreign:
       found.setdefault(tuple(key[:-1]), set()).add(key[-1])
   for path, names in found.items():
     entry = model.sites.get(path)

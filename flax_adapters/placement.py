@@ -151,7 +151,7 @@ def adapt_traced(
   """`adapt` on a model already traced (or a bare params tree described by `trace_params`)."""
   check_adapter_dtype(adapter_dtype)
   if model is None:
-    check_params_fit(params, trace.params, adapter_leaves=LEAF_NAMES, base_leaves={})
+    check_params_fit(params, trace.params, adapter_leaves=LEAF_NAMES, bare_tree=True)
     needs_module = sorted({m.name for r in rules for m in r.methods if not m.weight_space})
     if needs_module:
       raise ValueError(

@@ -420,13 +420,15 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   A dict holding a `kernel` (Haiku: `w`, with its bias `b`) is a layer: 2-D kernels are Dense; other
   ranks need a hint in `kinds` (`'conv'`, or `('dense_general', n_input_axes)`). A dict with a
   `scale` and no kernel is a norm (all its leaves but running statistics train with
-  `unfreeze_norm`, Haiku's `offset` included).
+  `unfreeze_norm`, Haiku's `offset` included); one with an `embedding` an embed; any other dict of
+  leaves a block, which `modules_to_save` can name.
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> t = trace_params({'fc': {'kernel': jnp.ones((4, 3))}, 'ln': {'scale': jnp.ones(3)}})
-    >>> t.sites[('fc',)].kind, t.sites[('ln',)].kind
-    ('dense', 'norm')
+    >>> tree = {'fc': {'kernel': jnp.ones((4, 3))}, 'ln': {'scale': jnp.ones(3)}, 'emb': {'embedding': jnp.ones((5, 3))}}
+    >>> t = trace_params(tree)
+    >>> t.sites[('fc',)].kind, t.sites[('ln',)].kind, t.sites[('emb',)].kind
+    ('dense', 'norm', 'embed')
   """
   if not isinstance(params, Mapping):
     raise TypeError(f'`params` must be a nested dict of arrays, found {type(params).__name__}.')
@@ -469,13 +471,17 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
         '(Haiku), laid out (*inputs, outputs); transpose a torch-layout `weight` ([out, in]) into a `kernel`.'
       )
     if kernel is None:
-      if hint is not None or 'scale' in leaves:
-        sites[path] = Site(
-          path=path,
-          kind=hint or 'norm',
-          module_type='params',
-          leaves=tuple((n, tuple(np.shape(v)), str(jnp.dtype(v.dtype))) for n, v in sorted(leaves.items())),
-        )
+      if not leaves:
+        continue
+      # Named by modules_to_save (an nnx.Embed, nnx.LoRALinear's `lora`, a bias-only Haiku module) even
+      # without a kernel; rules for layer kinds pass them by.
+      kind = hint or ('norm' if 'scale' in leaves else 'embed' if 'embedding' in leaves else 'block')
+      sites[path] = Site(
+        path=path,
+        kind=kind,
+        module_type='params',
+        leaves=tuple((n, tuple(np.shape(v)), str(jnp.result_type(v))) for n, v in sorted(leaves.items())),
+      )
       continue
     if hint is None:
       if np.ndim(kernel) != 2:

@@ -36,13 +36,23 @@ def _listed(keys: list[str], n: int = 6) -> str:
   return ', '.join(keys[:n]) + (' ...' if len(keys) > n else '')
 
 
+def foreign_adapter_dicts(params: Mapping, adapter_leaves) -> set[Path]:
+  """Paths of dicts that hold nothing but adapter-named leaves: another library's adapter module
+  (nnx.LoRALinear's `lora` holds `lora_a`/`lora_b`), part of a bare base tree. Ours always sit
+  beside a layer's own leaves (a bare tree has no parameter-free modules to carry them)."""
+  flat = traverse_util.flatten_dict(params)
+  holding = {k[:-1] for k in flat if k[-1] in adapter_leaves}
+  mixed = {k[:i] for k in flat for i in range(len(k)) if len(k) - i > 1 or k[-1] not in adapter_leaves}
+  return holding - mixed
+
+
 def check_params_fit(
-  params, abstract, *, argument: str = 'params', adapter_leaves=frozenset(), base_leaves=None
+  params, abstract, *, argument: str = 'params', adapter_leaves=frozenset(), bare_tree: bool = False
 ) -> None:
   """Raise if `params` does not have the structure and shapes of `abstract` (the model's init).
 
-  Leaves named in `adapter_leaves` that the base model does not create (`base_leaves`, default the
-  leaves of `abstract`) mean the tree was adapted already.
+  Leaves named in `adapter_leaves` that the base model does not create mean the tree was adapted
+  already; a bare tree (`abstract` is `params` itself) counts those beside a layer's own leaves.
   """
   if not isinstance(params, Mapping):
     raise TypeError(
@@ -55,7 +65,10 @@ def check_params_fit(
     )
   given = traverse_util.flatten_dict(params)
   expected = traverse_util.flatten_dict(abstract)
-  base = expected if base_leaves is None else traverse_util.flatten_dict(base_leaves)
+  if bare_tree:
+    base = {k: None for p in foreign_adapter_dicts(params, adapter_leaves) for k in given if k[:-1] == p}
+  else:
+    base = expected
   adapters = sorted(paths_lib.raw(k) for k in given if k[-1] in adapter_leaves and k not in base)
   if adapters:
     raise ValueError(

@@ -138,3 +138,75 @@ def test_adapter_dropout_on_a_bare_tree_is_refused():
   config = fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['fc'], lora_dropout=0.1)
   with pytest.raises(ValueError, match=r"\['lora\(dropout=0\.1\)'\]: adapter dropout needs the factored forward"):
     fa.prepare_params(params, config)
+
+
+def _nnx_lora_model():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.emb = nnx.Embed(7, 4, param_dtype=F64, rngs=rngs)
+      self.fc = nnx.LoRALinear(4, 3, lora_rank=2, param_dtype=F64, lora_param_dtype=F64, rngs=rngs)
+
+    def __call__(self, ids):
+      return self.fc(self.emb(ids))
+
+  return Net(nnx.Rngs(0))
+
+
+def test_nnx_lora_linear_own_lora_leaves_are_base_params():
+  """nnx.LoRALinear keeps its own `lora_a`/`lora_b` in a `lora` dict: part of the base tree (frozen,
+  folded untouched), not taken for ours; our LoRA beside its kernel folds into that kernel."""
+  from flax import nnx
+
+  with jax.enable_x64(True):
+    net = _nnx_lora_model()
+    graphdef, state = nnx.split(net)
+    base = nnx.to_pure_dict(state)
+    base['fc']['lora']['lora_b'] = jax.random.normal(jax.random.key(1), (2, 3), F64)  # nnx inits it to zeros
+    model, p = fa.adapt(None, base, [fa.Rule(target='fc', methods=fa.LoRA(rank=2, alpha=4))], rng=jax.random.key(2))
+    assert sorted(p['fc']) == ['bias', 'kernel', 'lora', 'lora_a', 'lora_b']
+    mask = fa.trainable_mask(model, p)
+    assert mask['fc'] == {
+      'bias': False,
+      'kernel': False,
+      'lora': {'lora_a': False, 'lora_b': False},
+      'lora_a': True,
+      'lora_b': True,
+    }
+    p['fc']['lora_b'] = jax.random.normal(jax.random.key(3), (2, 3), F64)
+    folded = fa.materialize(p, model)
+    assert jax.tree.structure(folded) == jax.tree.structure(base)
+    np.testing.assert_array_equal(folded['fc']['lora']['lora_b'], base['fc']['lora']['lora_b'])
+    np.testing.assert_allclose(
+      folded['fc']['kernel'], base['fc']['kernel'] + 2.0 * p['fc']['lora_a'] @ p['fc']['lora_b'], rtol=1e-12, atol=1e-12
+    )
+    ids = jnp.array([[0, 3, 6]])
+    s = nnx.clone(state)
+    nnx.replace_by_pure_dict(s, folded)
+    h = base['emb']['embedding'][ids]
+    theirs = h @ base['fc']['lora']['lora_a'] @ base['fc']['lora']['lora_b']
+    ours = 2.0 * h @ p['fc']['lora_a'] @ p['fc']['lora_b']
+    want = h @ base['fc']['kernel'] + base['fc']['bias'] + theirs + ours
+    np.testing.assert_allclose(nnx.merge(graphdef, s)(ids), want, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r'already holds adapter leaves \(fc/lora_a, fc/lora_b\)'):
+      fa.adapt(None, p, [fa.Rule(target='fc', methods=fa.LoRA(rank=2, alpha=4))])
+
+
+def test_modules_to_save_names_bare_dicts_without_a_kernel():
+  """An nnx.Embed (`embedding`) and nnx.LoRALinear's `lora` dict have no kernel or scale, yet
+  modules_to_save names them; a LoRA rule whose target also matches them passes them by."""
+  from flax import nnx
+
+  with jax.enable_x64(True):
+    base = nnx.to_pure_dict(nnx.split(_nnx_lora_model())[1])
+  sites = fa.trace_params(base).sites
+  assert (sites[('emb',)].kind, sites[('fc', 'lora')].kind, sites[('fc',)].kind) == ('embed', 'block', 'dense')
+  model, p = fa.adapt(None, base, [], modules_to_save=['emb', 'fc/lora'])
+  assert fa.trainable_mask(model, p) == {
+    'emb': {'embedding': True},
+    'fc': {'bias': False, 'kernel': False, 'lora': {'lora_a': True, 'lora_b': True}},
+  }
+  model, p = fa.adapt(None, base, [fa.Rule(target='fc', methods=fa.LoRA(rank=2, alpha=4))])
+  assert sorted(p['fc']) == ['bias', 'kernel', 'lora', 'lora_a', 'lora_b']  # not on `fc/lora`
+  assert sorted(p['fc']['lora']) == ['lora_a', 'lora_b']

@@ -121,9 +121,14 @@ class LlamaConfig:
     return cls(**{**fields, **_rope_fields(hf), **overrides})
 
   def to_hf(self) -> dict[str, Any]:
-    """The HF `config.json` dict of this architecture (transformers 5 spelling, `LlamaForCausalLM`)."""
+    """The HF `config.json` dict of this architecture (`LlamaForCausalLM`).
+
+    RoPE is written in both spellings, which agree: transformers 5 reads `rope_parameters`,
+    transformers 4 the top-level `rope_theta` and `rope_scaling` (null for the default type).
+    """
     d = dataclasses.asdict(self)
-    rope = {'rope_type': d.pop('rope_type'), 'rope_theta': d.pop('rope_theta')}
+    theta = d.pop('rope_theta')
+    scaling = {'rope_type': d.pop('rope_type')}
     for ours, theirs in (
       ('rope_factor', 'factor'),
       ('rope_low_freq_factor', 'low_freq_factor'),
@@ -132,8 +137,15 @@ class LlamaConfig:
     ):
       value = d.pop(ours)
       if value is not None:
-        rope[theirs] = value
-    return {'model_type': 'llama', 'architectures': ['LlamaForCausalLM'], **d, 'rope_parameters': rope}
+        scaling[theirs] = value
+    return {
+      'model_type': 'llama',
+      'architectures': ['LlamaForCausalLM'],
+      **d,
+      'rope_theta': theta,
+      'rope_scaling': None if scaling['rope_type'] == 'default' else scaling,
+      'rope_parameters': {**scaling, 'rope_theta': theta},
+    }
 
 
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:

@@ -138,6 +138,35 @@ def test_transformers4_rope_spelling_is_read():
   assert (config.rope_theta, config.rope_type, config.rope_factor) == (1234.0, 'linear', 2.0)
 
 
+@pytest.mark.parametrize(
+  'rope',
+  [
+    {},
+    {'rope_type': 'linear', 'rope_factor': 2.0, 'rope_theta': 20000.0},
+    {'rope_type': 'llama3', 'rope_factor': 8.0, 'rope_low_freq_factor': 1.0, 'rope_high_freq_factor': 4.0},
+  ],
+  ids=['default', 'linear', 'llama3'],
+)
+def test_to_hf_writes_rope_in_both_transformers_spellings(rope):
+  """Each spelling alone reads back as the same config: transformers 5's `rope_parameters`, and
+  transformers 4's top-level `rope_theta` + `rope_scaling` (null for the default type); and
+  transformers 5 builds the same RoPE from the whole dict."""
+  config = LlamaConfig(
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, **rope
+  )
+  d = config.to_hf()
+  v5 = {k: v for k, v in d.items() if k not in ('rope_theta', 'rope_scaling')}
+  v4 = {k: v for k, v in d.items() if k != 'rope_parameters'}
+  assert LlamaConfig.from_hf(v5) == config and LlamaConfig.from_hf(v4) == config
+  assert (d['rope_scaling'] is None) == (config.rope_type == 'default') and 'rope_theta' not in (
+    d['rope_scaling'] or {}
+  )
+  hf = transformers.LlamaConfig(**{k: v for k, v in d.items() if k != 'model_type'})
+  assert LlamaConfig.from_hf(hf.to_dict()) == config
+  inv_freq = transformers.LlamaForCausalLM(hf).model.rotary_emb.inv_freq.numpy()
+  np.testing.assert_allclose(inverse_frequencies(config), inv_freq, rtol=1e-6)
+
+
 def test_unimplemented_rope_type_is_refused():
   with pytest.raises(
     ValueError, match=r"rope_type='yarn' is not implemented; supported: \('default', 'linear', 'llama3'\)"

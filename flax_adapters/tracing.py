@@ -334,6 +334,13 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
     ('dense', (4, 3))
   """
   kinds = dict(kinds or {})
+  for target, forced in kinds.items():
+    if not isinstance(forced, str) or forced not in KINDS:
+      raise ValueError(
+        f'`kinds` gives {target!r} the kind {forced!r}; a linen model takes one of {list(KINDS)} (tuple hints such '
+        "as ('dense_general', n) or ('stacked', n, kind) describe bare params trees; nn.scan / nn.vmap stacks "
+        'are found from the params).'
+      )
   sites: dict[tuple[str, ...], Site] = {}
 
   def interceptor(next_fun, call_args, call_kwargs, context):
@@ -414,6 +421,26 @@ def _haiku_names(leaves: Mapping[str, Any]) -> dict[str, str]:
   return {k: v for k, v in _HAIKU_LEAVES.items() if k in leaves}
 
 
+def _unstacked(path, hint, leaves: Mapping[str, Any]):
+  """`(inner hint, leaves without their stacked axes)` for a `('stacked', n_axes, kind)` hint, else as given."""
+  if not (isinstance(hint, tuple) and hint and hint[0] == 'stacked'):
+    return hint, leaves
+  where = f'`kinds` gives {paths_lib.dotted(path)!r} {hint!r}'
+  if len(hint) != 3 or isinstance(hint[1], bool) or not isinstance(hint[1], int) or hint[1] < 1:
+    raise ValueError(f"{where}; expected ('stacked', n_stacked_axes >= 1, kind), e.g. ('stacked', 1, 'dense').")
+  n, inner = hint[1], hint[2]
+  if isinstance(inner, tuple) and inner and inner[0] == 'stacked':
+    raise ValueError(f"{where}; give every stacked axis in one hint: ('stacked', n_axes, kind).")
+  stacks = {k: tuple(np.shape(v))[:n] for k, v in leaves.items()}
+  if any(np.ndim(v) < n for v in leaves.values()) or len(set(stacks.values())) > 1:
+    raise ValueError(
+      f'{where}, but its leaves do not share {n} leading stacked axes: '
+      + ', '.join(f'{k} {tuple(np.shape(v))}' for k, v in sorted(leaves.items()))
+      + '. Lower n_stacked_axes or target the stacked layers only.'
+    )
+  return inner, {k: jax.ShapeDtypeStruct(np.shape(v)[n:], jnp.result_type(v)) for k, v in leaves.items()}
+
+
 def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   """Describe the layers of a bare params tree (NNX state, Equinox, Haiku, ...: no linen model).
 
@@ -421,7 +448,9 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   ranks need a hint in `kinds` (`'conv'`, or `('dense_general', n_input_axes)`). A dict with a
   `scale` and no kernel is a norm (all its leaves but running statistics train with
   `unfreeze_norm`, Haiku's `offset` included); one with an `embedding` an embed; any other dict of
-  leaves a block, which `modules_to_save` can name.
+  leaves a block, which `modules_to_save` can name. Layers stacked on leading axes (`nnx.vmap`,
+  `nnx.scan`, a kernel `(layers, in, out)`) take `('stacked', n_stacked_axes, kind)`: each stacked
+  layer gets its own adapter, initialised from its own key, and folds into its own kernel.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -452,6 +481,7 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
     for target, kind in kinds.items():
       if paths_lib.matches(target, path):
         hint = kind
+    hint, leaves = _unstacked(path, hint, leaves)
     base_hint = hint[0] if isinstance(hint, tuple) else hint
     if base_hint is not None and base_hint not in KINDS:
       raise ValueError(f'`kinds` gives {paths_lib.dotted(path)!r} the kind {hint!r}; expected one of {list(KINDS)}.')
@@ -486,8 +516,9 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
     if hint is None:
       if np.ndim(kernel) != 2:
         raise ValueError(
-          f'the kernel at {paths_lib.dotted(path)!r} is {np.ndim(kernel)}-D; say what it is with '
-          f"kinds={{'{paths_lib.dotted(path)}': 'conv'}} or ('dense_general', n_input_axes)."
+          f'the kernel at {paths_lib.dotted(path)!r} is {np.ndim(kernel)}-D {tuple(np.shape(kernel))}; say what it '
+          f"is in `kinds`: {{'{paths_lib.dotted(path)}': 'conv'}}, ('dense_general', n_input_axes), or, for layers "
+          "stacked on leading axes (nnx.vmap, nnx.scan: kernel (layers, in, out)), ('stacked', 1, 'dense')."
         )
       hint = 'dense'
     n_in = None

@@ -151,7 +151,9 @@ def test_nnx_model_through_prepare_params_and_materialize():
 
 def test_prepare_params_needs_hints_for_nd_kernels():
   params = {'conv': {'kernel': jnp.ones((3, 4, 8))}}
-  with pytest.raises(ValueError, match=r"the kernel at 'conv' is 3-D; say what it is with kinds=\{'conv': 'conv'\}"):
+  with pytest.raises(
+    ValueError, match=r"the kernel at 'conv' is 3-D \(3, 4, 8\); say what it is in `kinds`: \{'conv': 'conv'\}"
+  ):
     fa.prepare_params(params, fa.TransferConfig(mode='locon', locon_targets=['conv'], locon_rank=2))
   adapted, p = fa.prepare_params(
     params, fa.TransferConfig(mode='locon', locon_targets=['conv'], locon_rank=2), kinds={'conv': 'conv'}

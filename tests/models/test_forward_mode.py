@@ -96,7 +96,9 @@ def _random_like(tree, key):
 
 
 def _check_jvp_against_finite_difference(f, primal, tangent):
-  value, derivative = jax.jvp(f, (primal,), (tangent,))
+  # Jitted: op by op, a float64 Seq2Func's jvp and two forwards took 43 s of dispatch.
+  value, derivative = jax.jit(lambda p, t: jax.jvp(f, (p,), (t,)))(primal, tangent)
+  f = jax.jit(f)
   step = lambda s: f(jax.tree.map(lambda p, t: p + s * t, primal, tangent))
   fd = (step(EPS) - step(-EPS)) / (2 * EPS)
   assert np.isfinite(float(value))

@@ -559,7 +559,7 @@ def _naming(family: Family, keys: Sequence[str]):
   if family.wrapper_prefix and any(k.startswith(family.wrapper_prefix) for k in keys):
     w = family.wrapper_prefix
     return (lambda theirs: theirs.removeprefix(w)), (lambda ours: w + ours)
-  if family.trunk_prefix and keys and not any(k.startswith(family.trunk_prefix) for k in keys):
+  if family.names_bare_trunk(keys):
     t = family.trunk_prefix
     return (lambda theirs: t + theirs), (lambda ours: ours[len(t) :] if ours.startswith(t) else None)
   return (lambda theirs: theirs), (lambda ours: ours)

@@ -134,12 +134,23 @@ class Family:
 
   # ---- torch -> flax ---------------------------------------------------------------------------
 
+  def names_bare_trunk(self, keys) -> bool:
+    """Whether `keys` name modules of the bare trunk class (`GPT2Model`: `h.0...`, no `transformer.`).
+
+    Keys that all sit in the class's own modules outside the trunk (`lm_head...`: an adapter on the
+    head alone) name this class, not the trunk.
+    """
+    if not self.trunk_prefix or not keys or any(k.startswith(self.trunk_prefix) for k in keys):
+      return False
+    outside = {r.torch_key.split('.')[0] for r in self.rows if not r.torch_key.startswith(self.trunk_prefix)}
+    return not all(k.split('.')[0] in outside for k in keys)
+
   def normalize_keys(self, state_dict: Mapping[str, Any]) -> dict[str, str]:
     """`{our key: checkpoint key}`: the trunk/wrapper prefix conventions resolved (see class doc)."""
     keys = list(state_dict)
     if self.wrapper_prefix and any(k.startswith(self.wrapper_prefix) for k in keys):
       return {k.removeprefix(self.wrapper_prefix): k for k in keys}
-    if self.trunk_prefix and keys and not any(k.startswith(self.trunk_prefix) for k in keys):
+    if self.names_bare_trunk(keys):
       return {self.trunk_prefix + k: k for k in keys}
     return {k: k for k in keys}
 

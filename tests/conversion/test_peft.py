@@ -54,6 +54,21 @@ def check_export(tmp_path, cls, hf, base, model, params, ids, *, merged=True):
   return written
 
 
+def test_adapter_on_the_untied_head_alone_both_ways(tmp_path, ids):
+  """Keys all under `lm_head` (outside the trunk) name LlamaForCausalLM, not the bare LlamaModel
+  (whose names were given a `model.` prefix and refused); our export of it re-imports."""
+  hf = tiny_llama(tie_word_embeddings=False)
+  theirs, base = make_adapter(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=['lm_head']), tmp_path / 'peft')
+  model, params, _ = flax_base(LLAMA, hf.config, base)
+  adapted, p = import_peft(tmp_path / 'peft', model, params, family='llama')
+  assert [e.site.name for e in adapted.plan] == ['lm_head']
+  np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
+  check_export(tmp_path, transformers.LlamaForCausalLM, hf, base, adapted, p, ids, merged=False)
+  again, q = import_peft(tmp_path / 'exported', model, params, family='llama')
+  assert again.plan == adapted.plan
+  np.testing.assert_array_equal(leaf(q, 'lm_head/lora_b'), leaf(p, 'lm_head/lora_b'))
+
+
 def test_llama_lora_patterns_and_lm_head_both_ways(tmp_path, ids):
   hf = tiny_llama()
   config = peft.LoraConfig(

@@ -43,6 +43,9 @@ class BertConfig:
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
   add_pooling_layer: bool = True
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
 
   def __post_init__(self):
     # Sizes first, against sane bounds: nothing is built from a config before this.
@@ -55,6 +58,7 @@ class BertConfig:
     hf_config.check_probability(self, 'hidden_dropout_prob', 'attention_probs_dropout_prob')
     hf_config.check_finite_positive(self, 'layer_norm_eps')
     hf_config.check_bool(self, 'add_pooling_layer')
+    hf_config.check_token_ids(self)
     hf_config.check_str(self, 'hidden_act')
     activation(self.hidden_act)
 
@@ -75,9 +79,11 @@ class BertConfig:
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict of this architecture (for `BertModel`)."""
-    d = dataclasses.asdict(self)
-    del d['add_pooling_layer']
-    return {'model_type': 'bert', 'architectures': ['BertModel'], **d}
+    return {
+      'model_type': 'bert',
+      'architectures': ['BertModel'],
+      **hf_config.hf_dict(self, drop=('add_pooling_layer',)),
+    }
 
 
 class BertOutput(NamedTuple):

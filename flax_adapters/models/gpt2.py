@@ -50,7 +50,12 @@ class GPT2Config:
   layer_norm_epsilon: float = 1e-5
   scale_attn_weights: bool = True
   scale_attn_by_inverse_layer_idx: bool = False
+  # Scores and softmax in float32 whatever the compute dtype: what our attention always does.
+  reorder_and_upcast_attn: bool = False
   tie_word_embeddings: bool = True
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
 
   def __post_init__(self):
     # Sizes first, against sane bounds: nothing is built from a config before this.
@@ -64,7 +69,10 @@ class GPT2Config:
     hf_config.check_divides(self, 'n_embd', 'n_head')
     hf_config.check_probability(self, 'resid_pdrop', 'embd_pdrop', 'attn_pdrop')
     hf_config.check_finite_positive(self, 'layer_norm_epsilon')
-    hf_config.check_bool(self, 'scale_attn_weights', 'scale_attn_by_inverse_layer_idx', 'tie_word_embeddings')
+    hf_config.check_bool(
+      self, 'scale_attn_weights', 'scale_attn_by_inverse_layer_idx', 'reorder_and_upcast_attn', 'tie_word_embeddings'
+    )
+    hf_config.check_token_ids(self)
     hf_config.check_str(self, 'activation_function')
     activation(self.activation_function, field='activation_function')
 
@@ -85,7 +93,7 @@ class GPT2Config:
 
   def to_hf(self) -> dict[str, Any]:
     """The HF `config.json` dict of this architecture (for `GPT2LMHeadModel`)."""
-    return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], **dataclasses.asdict(self)}
+    return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], **hf_config.hf_dict(self)}
 
 
 def _dense(features: int, name: str, dtype, param_dtype) -> nn.Dense:

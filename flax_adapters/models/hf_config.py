@@ -33,8 +33,9 @@ def as_dict(hf_config: Any, *, argument: str = 'hf_config') -> dict[str, Any]:
 def known_fields(cls: type, hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
   """The entries of `hf` that are fields of dataclass `cls`, after checking `model_type`.
 
-  HF configs carry many entries that do not affect the forward pass (token ids, generation
-  settings, label maps); those are not fields and are left out.
+  HF configs carry many entries that do not affect the forward pass (generation settings, label
+  maps); those are not fields and are left out. The special token ids are fields (`TOKEN_IDS`): they
+  do not change the forward either, but an exported `config.json` needs them for generation.
   """
   found = hf.get('model_type', model_type)
   if found != model_type:
@@ -108,3 +109,36 @@ def check_probability(config: Any, *names: str) -> None:
     value = getattr(config, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
       raise ValueError(f'{type(config).__name__}.{name} must be in [0, 1), got {value!r}.')
+
+
+# Special token ids: carried from the checkpoint's config.json to the exported one, where transformers'
+# generation reads them (without them it falls back to the class defaults, e.g. LLaMA's eos 2).
+TOKEN_IDS = ('bos_token_id', 'eos_token_id', 'pad_token_id')
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_token_ids(config: Any) -> None:
+  """Each of `TOKEN_IDS` is None, an int >= 0 or (eos in Llama 3) a list of them, kept as a tuple."""
+  for name in TOKEN_IDS:
+    value = getattr(config, name)
+    if isinstance(value, list):
+      value = tuple(value)
+      object.__setattr__(config, name, value)  # frozen and hashed: a tuple
+    if not (value is None or _is_int(value) or (isinstance(value, tuple) and value and all(map(_is_int, value)))):
+      raise TypeError(
+        f'{type(config).__name__}.{name} must be a token id (an int >= 0), a list of them, or null; got {value!r}.'
+      )
+
+
+def hf_dict(config: Any, *, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+  """`dataclasses.asdict(config)` for config.json: token ids that are None left to transformers' defaults."""
+  d = {k: v for k, v in dataclasses.asdict(config).items() if k not in drop}
+  for name in TOKEN_IDS:
+    if d.get(name) is None:
+      d.pop(name, None)
+    elif isinstance(d[name], tuple):
+      d[name] = list(d[name])
+  return d

@@ -57,6 +57,9 @@ class LlamaConfig:
   attention_dropout: float = 0.0
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+  pad_token_id: int | None = None
 
   def __post_init__(self):
     # Sizes first, against sane bounds: nothing is built from a config before this.
@@ -76,6 +79,7 @@ class LlamaConfig:
     hf_config.check_probability(self, 'attention_dropout')
     hf_config.check_finite_positive(self, 'rms_norm_eps', 'rope_theta')
     hf_config.check_bool(self, 'attention_bias', 'mlp_bias', 'tie_word_embeddings')
+    hf_config.check_token_ids(self)
     hf_config.check_str(self, 'hidden_act', 'rope_type')
     if self.head_dim % 2:
       raise ValueError(f'LlamaConfig.head_dim must be even for rotary embeddings, got {self.head_dim}.')
@@ -126,7 +130,7 @@ class LlamaConfig:
     RoPE is written in both spellings, which agree: transformers 5 reads `rope_parameters`,
     transformers 4 the top-level `rope_theta` and `rope_scaling` (null for the default type).
     """
-    d = dataclasses.asdict(self)
+    d = hf_config.hf_dict(self)
     theta = d.pop('rope_theta')
     scaling = {'rope_type': d.pop('rope_type')}
     for ours, theirs in (

@@ -47,13 +47,18 @@ def ids(rng):
   [
     {},
     {'tie_word_embeddings': False, 'n_inner': 96, 'activation_function': 'gelu'},
-    {'scale_attn_by_inverse_layer_idx': True},
+    {'scale_attn_by_inverse_layer_idx': True, 'reorder_and_upcast_attn': True},
   ],
-  ids=['tied', 'untied_n_inner_gelu', 'inverse_layer_idx'],
+  ids=['tied', 'untied_n_inner_gelu', 'inverse_layer_idx_upcast'],
 )
 def test_logits_match_and_export_loads_strictly(overrides, ids):
   hf = tiny_gpt2(**overrides)
   config, params = convert(hf)
+  # The exported config.json describes the same model (reorder_and_upcast_attn and token ids were dropped).
+  back = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items() if k != 'model_type'})
+  for key in ('n_inner', 'activation_function', 'scale_attn_by_inverse_layer_idx', 'reorder_and_upcast_attn'):
+    assert getattr(back, key) == getattr(hf.config, key), key
+  assert (back.bos_token_id, back.eos_token_id) == (hf.config.bos_token_id, hf.config.eos_token_id)
   assert ('lm_head' in params) == (not config.tie_word_embeddings)
   expected = torch_logits(hf, ids)
   ours = jax.jit(FAMILY.flax_model(config).apply)({'params': params}, jnp.asarray(ids))

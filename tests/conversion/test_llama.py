@@ -152,7 +152,14 @@ def test_to_hf_writes_rope_in_both_transformers_spellings(rope):
   transformers 4's top-level `rope_theta` + `rope_scaling` (null for the default type); and
   transformers 5 builds the same RoPE from the whole dict."""
   config = LlamaConfig(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, **rope
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    bos_token_id=1,  # transformers' LLaMA defaults, which its config dict then holds
+    eos_token_id=2,
+    **rope,
   )
   d = config.to_hf()
   v5 = {k: v for k, v in d.items() if k not in ('rope_theta', 'rope_scaling')}
@@ -238,3 +245,18 @@ def test_rmsnorm_is_a_norm_so_unfreeze_norm_trains_it():
   mask = fa.trainable_mask(adapted, p)
   assert mask['model']['norm']['scale'] and mask['model']['layers_0']['input_layernorm']['scale']
   assert not mask['model']['layers_0']['self_attn']['q_proj']['kernel']
+
+
+@pytest.mark.parametrize('eos', [257, [257, 259]], ids=['eos', 'eos_list'])
+def test_special_token_ids_ride_along_to_the_export(tmp_path, eos):
+  """bos/eos/pad are read from config.json and written back (generation reads them; they were dropped,
+  so transformers fell back to LLaMA's bos 1 / eos 2); eos may be a list (Llama 3)."""
+  hf = tiny_llama(vocab_size=260, bos_token_id=256, eos_token_id=eos, pad_token_id=258)
+  config = FAMILY.config_from_hf(hf.config.to_dict())
+  assert (config.bos_token_id, config.pad_token_id) == (256, 258) and hash(config)
+  save_pretrained(tmp_path / 'out', FAMILY.torch_to_flax(hf.state_dict(), config), config)
+  back = transformers.AutoConfig.from_pretrained(tmp_path / 'out')
+  assert (back.bos_token_id, back.eos_token_id, back.pad_token_id) == (256, eos, 258)
+  assert LlamaConfig().to_hf().keys().isdisjoint({'bos_token_id', 'eos_token_id', 'pad_token_id'})  # class defaults
+  with pytest.raises(TypeError, match=r'LlamaConfig.eos_token_id must be a token id \(an int >= 0\), a list'):
+    LlamaConfig(eos_token_id='</s>')

@@ -119,6 +119,16 @@ _HOW_TARGETS_MATCH = (
 )
 
 
+def _refuse_rewritten_weights(method, site) -> None:
+  wrapper = site.option('weights_rewritten_by')
+  if wrapper is not None:
+    raise AdapterError(
+      f'{site.describe()} runs inside nn.{wrapper}, which rewrites its weights before every use: a merged '
+      f'{method.name} delta would be normalised away (and {wrapper} may normalise the adapter leaves too). '
+      f'Adapt a layer outside the {wrapper}, or train this one whole (modules_to_save=[{site.name!r}]).'
+    )
+
+
 def select(sites: Mapping[Path, Site], target, argument: str, kinds=None, topmost=False) -> list[Path]:
   """Paths of sites that `target` matches (of the given kinds); errors if it matches nothing."""
   matched = [p for p in sites if paths_lib.matches(target, p)]
@@ -175,6 +185,7 @@ def place(sites: Mapping[Path, Site], rules: Sequence[Rule]) -> dict[Path, tuple
             f'`{rule.name}` match it. Each layer gets one adapter of each kind; make the targets disjoint (or write '
             'ordered rules, where the first match wins).'
           )
+        _refuse_rewritten_weights(method, sites[path])
         method.check(sites[path])
         method.check_size(sites[path])
         placed[path][method.name] = (method, rule)

@@ -27,6 +27,8 @@ from flax_adapters import paths as paths_lib
 KINDS = ('dense', 'dense_general', 'einsum', 'conv', 'conv_other', 'norm', 'embed', 'block')
 LINEAR_KINDS = ('dense', 'dense_general', 'einsum')
 _NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
+# Wrappers that rewrite the wrapped layer's weights before every use (through nn.map_variables).
+_WEIGHT_REWRITERS = (nn.WeightNorm, nn.SpectralNorm)
 
 # Kernel axes are written in capitals (A, B, ...), free input/output axes in lowercase; the
 # capitals 'Z' and 'Y' are reserved for an adapter's rank and bottleneck axes.
@@ -342,14 +344,22 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
         'are found from the params).'
       )
   sites: dict[tuple[str, ...], Site] = {}
+  rewriting: list[str] = []  # weight-rewriting wrappers (WeightNorm, SpectralNorm) now running
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
     if context.method_name != '__call__' or module.scope is None:
       return next_fun(*call_args, **call_kwargs)
+    wrapper = isinstance(module, _WEIGHT_REWRITERS)
+    if wrapper:
+      rewriting.append(type(module).__name__)
     # The innermost of nested calls records its site first, with its depth.
-    with nested_call(module) as depth:
-      out = next_fun(*call_args, **call_kwargs)
+    try:
+      with nested_call(module) as depth:
+        out = next_fun(*call_args, **call_kwargs)
+    finally:
+      if wrapper:
+        rewriting.pop()
     path = tuple(module.scope.path)
     kind = module_kind(module)
     for target, forced in kinds.items():
@@ -360,6 +370,8 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
     site = make_site(module, kind, x_ndim, out, call_kwargs)
     if depth > 1:
       site = dataclasses.replace(site, options=site.options + (('call_depth', depth),))
+    if rewriting and not wrapper:
+      site = dataclasses.replace(site, options=site.options + (('weights_rewritten_by', rewriting[-1]),))
     previous = sites.get(path)
     if previous is not None and previous != site:
       # A module called twice with different geometry (e.g. two input ranks) keeps the first.

@@ -195,3 +195,30 @@ def test_lora_on_a_transposed_conv_does_not_send_the_user_to_locon():
     fa.adapt(Net(), params, [fa.Rule(target='up', methods=fa.LoRA(rank=2))], x)
   with pytest.raises(fa.AdapterError, match=r'Locon adapts convolutions'):
     fa.adapt(Net(), params, [fa.Rule(target='up', methods=fa.Locon(rank=2))], x)
+
+
+class NormWrapped(nn.Module):
+  wrapper: str
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(4, name='plain')(x)
+    inner = nn.Dense(3, name='fc')
+    if self.wrapper == 'WeightNorm':
+      return nn.WeightNorm(inner)(x)
+    return nn.SpectralNorm(inner)(x, update_stats=False)
+
+
+@pytest.mark.parametrize('wrapper', ['WeightNorm', 'SpectralNorm'])
+def test_layers_under_weight_norm_wrappers_are_refused_not_merged_wrong(wrapper):
+  """nn.WeightNorm / nn.SpectralNorm rewrite the wrapped kernel before each use, so a folded delta was
+  normalised away (merge silently differed from the adapted model by up to 1.4; IA3 merged back to the
+  base) and SpectralNorm crashed on LoRA leaves: adapters there are refused, naming the wrapper."""
+  model, x = NormWrapped(wrapper), jnp.ones((2, 5))
+  params = model.init(jax.random.key(0), x)['params']
+  for method in (fa.LoRA(rank=2), fa.IA3()):
+    with pytest.raises(ValueError, match=rf'fc \(Dense, dense\) runs inside nn.{wrapper}, which rewrites its weights'):
+      fa.adapt(model, params, [fa.Rule(target='fc', methods=method)], x)
+  adapted, p = fa.adapt(model, params, [fa.Rule(target='plain', methods=fa.LoRA(rank=2))], x, modules_to_save=['fc'])
+  mask = fa.trainable_mask(adapted, p)
+  assert mask['fc'] == {'kernel': True, 'bias': True} and mask['plain']['lora_a'] and not mask['plain']['kernel']

@@ -73,6 +73,8 @@ class Family:
     check_buffer: optional `(key, value, config)` hook that raises if a buffer contradicts the
       config.
     tied_head: `(head key, embedding key)` when `config.tie_word_embeddings` can tie the head.
+    legacy_names: `(regex, replacement)` renames of older checkpoints' keys, as transformers applies
+      them on load (BERT's TF-era `LayerNorm.gamma`/`.beta`).
     hint_fields: config fields shown in error messages.
   """
 
@@ -88,6 +90,7 @@ class Family:
   buffers: tuple[tuple[str, str], ...] = ()
   check_buffer: Callable[[str, np.ndarray, Any], None] | None = None
   tied_head: tuple[str, str] | None = None
+  legacy_names: tuple[tuple[str, str], ...] = ()
 
   # ---- config and model ------------------------------------------------------------------------
 
@@ -149,10 +152,14 @@ class Family:
     """`{our key: checkpoint key}`: the trunk/wrapper prefix conventions resolved (see class doc)."""
     keys = list(state_dict)
     if self.wrapper_prefix and any(k.startswith(self.wrapper_prefix) for k in keys):
-      return {k.removeprefix(self.wrapper_prefix): k for k in keys}
-    if self.names_bare_trunk(keys):
-      return {self.trunk_prefix + k: k for k in keys}
-    return {k: k for k in keys}
+      origin = {k.removeprefix(self.wrapper_prefix): k for k in keys}
+    elif self.names_bare_trunk(keys):
+      origin = {self.trunk_prefix + k: k for k in keys}
+    else:
+      origin = {k: k for k in keys}
+    for pattern, replacement in self.legacy_names:
+      origin = {re.sub(pattern, replacement, ours): theirs for ours, theirs in origin.items()}
+    return origin
 
   def torch_to_flax(
     self,

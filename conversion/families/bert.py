@@ -66,6 +66,7 @@ FAMILY = Family(
   ),
   wrapper_prefix='bert.',
   buffers=BUFFERS,
+  legacy_names=((r'LayerNorm\.gamma$', 'LayerNorm.weight'), (r'LayerNorm\.beta$', 'LayerNorm.bias')),
 )
 
 torch_to_flax = FAMILY.torch_to_flax

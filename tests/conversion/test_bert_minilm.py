@@ -113,3 +113,17 @@ def test_export_loads_strictly_into_bert_model(flax_minilm, batch, torch_model):
     np.testing.assert_allclose(
       fresh(**inputs).last_hidden_state.numpy(), torch_model(**inputs).last_hidden_state.numpy(), atol=1e-6
     )
+
+
+def test_tf_era_layer_norm_names_load_as_transformers_loads_them(model_dir, flax_minilm):
+  """`LayerNorm.gamma`/`.beta` (original BERT checkpoints' names, which transformers renames on load)
+  read as `weight`/`bias`; the params equal those of the modern names exactly."""
+  state_dict = load_state_dict(os.path.join(model_dir, 'model.safetensors'))
+  legacy = {
+    k.replace('LayerNorm.weight', 'LayerNorm.gamma').replace('LayerNorm.bias', 'LayerNorm.beta'): v
+    for k, v in state_dict.items()
+  }
+  assert sum(k.endswith('LayerNorm.gamma') for k in legacy) == 13  # embeddings + 2 per layer
+  _, params, config = flax_minilm
+  got = get_family('bert').torch_to_flax(legacy, config)
+  jax.tree.map(np.testing.assert_array_equal, got, params)

@@ -255,10 +255,13 @@ class Family:
   def _check_depth(self, origin: Mapping[str, str], config: Any) -> None:
     """A config deeper than the checkpoint is refused before a table of its layers is built."""
     layers = getattr(config, self.num_layers_field)
+    known = [key for key in origin if find_row(self.rows, key) is not None]
+    if origin and not known:
+      raise ValueError(self._foreign(origin))
     depth = 0
-    for key in origin:
+    for key in known:
       _, index = layer_pattern(key)
-      if index is not None and find_row(self.rows, key) is not None:
+      if index is not None:
         depth = max(depth, index + 1)
     if layers > depth:
       raise ValueError(
@@ -266,6 +269,28 @@ class Family:
         f'{"no layers" if not depth else f"layers 0..{depth - 1}"} ({depth} layers). Fix: set '
         f'{self.num_layers_field}={depth} in config.json, or load the checkpoint this config belongs to.'
       )
+
+  def _foreign(self, origin: Mapping[str, str]) -> str:
+    """The message for a checkpoint none of whose keys is in this family's table."""
+    from conversion.families import FAMILIES  # pylint: disable=g-import-not-at-top  (the registry imports us)
+
+    keys = sorted(origin.values())
+    fits = {
+      f.name: sum(find_row(f.rows, k) is not None for k in f.normalize_keys(dict.fromkeys(keys)))
+      for f in FAMILIES.values()
+      if f.name != self.name
+    }
+    best = max(fits, key=fits.get, default=None)
+    looks = (
+      f"its keys are those of a {best!r} model ({fits[best]} of {len(keys)} match that family's table): load it with "
+      f"the config of that family (config.json's model_type={best!r}, or get_family({best!r}))"
+      if best and fits[best]
+      else 'its keys match no supported family; convert it with a family whose table names them'
+    )
+    return (
+      f'the checkpoint is not a {self.name} ({self.hf_class_name}) checkpoint: none of its {len(keys)} keys '
+      f'(e.g. {keys[:3]}) is in the {self.name} key table. Fix: {looks}.'
+    )
 
   def _buffer_reason(self, key: str) -> str | None:
     for pattern, reason in self.buffers:
@@ -292,7 +317,11 @@ class Family:
     if row is not None and row.when is not None:
       fix = f'this key exists because config.{row.condition(config)}; flip it if the checkpoint lacks it'
     if self.tied_head and m.torch_key == self.tied_head[0]:
-      fix = 'if this checkpoint ties its head to the input embedding, set tie_word_embeddings=True'
+      fix = (
+        f'the checkpoint has no LM head: it is a bare trunk or a task model (e.g. a *ForSequenceClassification, '
+        f'whose head is not converted), not a {self.hf_class_name}; load a {self.hf_class_name} checkpoint. Set '
+        'tie_word_embeddings=True only if the model it came from ties its head to the input embedding (its config.json says so)'
+      )
     return f'{m.torch_key!r} (for flax {m.flax_name}, shape {_shape(want.shape)}) is not in the checkpoint. Fix: {fix}.'
 
   def _misshaped(self, m: KeyMapping, torch_shape, want, named: str, config) -> str:

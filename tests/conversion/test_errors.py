@@ -116,11 +116,39 @@ def test_untied_checkpoint_with_tied_config_is_refused(llama):
     LLAMA.torch_to_flax(state_dict, tied)
 
 
-def test_tied_checkpoint_with_untied_config_asks_to_tie(llama):
+def test_headless_checkpoint_says_it_has_no_lm_head(llama):
+  """A trunk or task checkpoint lacks the head: say so first (tying was the only fix offered, and it made
+  the embedding the head of an untied model without a word)."""
   config, state_dict = llama
   headless = {k: v for k, v in state_dict.items() if k != 'lm_head.weight'}
-  with pytest.raises(ValueError, match=r"missing key: 'lm_head\.weight'.*set tie_word_embeddings=True"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing key: 'lm_head\.weight'.*the checkpoint has no LM head: it is a bare trunk or a task model.*"
+    r'load a LlamaForCausalLM checkpoint\. Set tie_word_embeddings=True only if the model it came from ties',
+  ):
     LLAMA.torch_to_flax(headless, config)
+
+
+@pytest.mark.parametrize('theirs', ['gpt2', 'bert'])
+def test_checkpoint_of_another_family_names_the_family_its_keys_fit(llama, theirs):
+  """Keys of another architecture were reported as a checkpoint with 0 layers, with the fix
+  'set num_hidden_layers=0' (which the config refuses)."""
+  config, _ = llama
+  if theirs == 'gpt2':
+    other = transformers.GPT2LMHeadModel(
+      transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=4)
+    )
+  else:
+    other = transformers.BertModel(
+      transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+      )
+    )
+  with pytest.raises(
+    ValueError,
+    match=rf"not a llama \(LlamaForCausalLM\) checkpoint: none of its \d+ keys .* Fix: its keys are those of a '{theirs}' model",
+  ):
+    LLAMA.torch_to_flax(other.state_dict(), config)
 
 
 def test_saved_inv_freq_must_match_rope_theta(llama):

@@ -96,7 +96,7 @@ _MAX_LISTED = 12
 
 # `init_lora_weights` values that only choose how fresh weights are drawn. The others (PiSSA, OLoRA,
 # CorDA, LoftQ, LoRA-GA) rewrite the base weights too, so their adapters need that modified base.
-_PLAIN_INITS = (True, False, 'gaussian', 'eva', 'orthogonal')
+_PLAIN_INITS = (True, False, None, 'gaussian', 'eva', 'orthogonal')
 
 
 # -- what the config says --------------------------------------------------------------------
@@ -394,7 +394,7 @@ def _check_values(raw: Mapping[str, Any], peft_type: str, source: str) -> None:
   dropout = raw.get('lora_dropout') or 0.0
   if not _is_number(dropout) or not 0 <= dropout < 1:
     raise ValueError(f'{source} has lora_dropout={dropout!r}; expected a probability in [0, 1).')
-  if not isinstance(raw.get('use_rslora', False), bool):
+  if raw.get('use_rslora') is not None and not isinstance(raw['use_rslora'], bool):  # null: PEFT's falsy default
     raise ValueError(f'{source} has use_rslora={raw["use_rslora"]!r}; expected true or false.')
 
 
@@ -741,6 +741,11 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
   saved_tensors: dict[str, tuple[str, np.ndarray]] = {}
   base_copies: dict[str, tuple[str, np.ndarray]] = {}
   model_name = family.model_class.__name__
+  # What save_embedding_layers=True writes in full: the input embedding and the (untied) LM head.
+  head = family.tied_head[0].rsplit('.', 1)[0] if family.tied_head else None
+  base_keys = {
+    m.torch_key for module, ms in mm.params.items() for m in ms if mm.kind.get(module) == 'embedding' or module == head
+  }
   for theirs, file_key in stripped.items():
     ours = to_ours(theirs)
     module, suffix = _split_key(ours)
@@ -773,6 +778,10 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
       # lm_head / embed_tokens as `<module>.base_layer.<param>`; PEFT loads it into the base layer.
       module, param = ours.rsplit('.base_layer.', 1)
       base_copies[f'{module}.{param}'] = (file_key, tensors[file_key])
+    elif ours in base_keys:
+      # save_embedding_layers=True (a resized vocabulary): full copies of the embedding / lm_head
+      # weights, which PEFT loads into the base model.
+      base_copies[ours] = (file_key, tensors[file_key])
     elif spec.saves(theirs.rsplit('.', 1)[0]) and ours.rsplit('.', 1)[0] not in mm.kind:
       problems.add(
         'unknown module',

@@ -69,6 +69,23 @@ def test_adapter_on_the_untied_head_alone_both_ways(tmp_path, ids):
   np.testing.assert_array_equal(leaf(q, 'lm_head/lora_b'), leaf(p, 'lm_head/lora_b'))
 
 
+def test_embedding_copies_of_save_embedding_layers_load_into_the_base(tmp_path, ids):
+  """`save_pretrained(save_embedding_layers=True)` (a resized vocabulary) writes full copies of
+  embed_tokens and lm_head, which PEFT loads into the base model: so do we (they were refused)."""
+  hf = tiny_llama()
+  theirs, base = make_adapter(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=['q_proj']), tmp_path / 'peft')
+  with torch.no_grad():  # embeddings trained (or resized) alongside the adapter
+    for weight in (theirs.base_model.model.model.embed_tokens.weight, theirs.base_model.model.lm_head.weight):
+      weight.add_(0.1 * torch.randn_like(weight))
+  theirs.save_pretrained(tmp_path / 'peft', save_embedding_layers=True)
+  model, params, _ = flax_base(LLAMA, hf.config, base)
+  adapted, p = import_peft(tmp_path / 'peft', model, params, family='llama')
+  np.testing.assert_array_equal(
+    leaf(p, 'model/embed_tokens/embedding'), theirs.base_model.model.model.embed_tokens.weight.detach().numpy()
+  )
+  np.testing.assert_allclose(flax_logits(adapted, p, ids), torch_logits(theirs, ids), atol=TOL, rtol=0)
+
+
 def test_llama_lora_patterns_and_lm_head_both_ways(tmp_path, ids):
   hf = tiny_llama()
   config = peft.LoraConfig(

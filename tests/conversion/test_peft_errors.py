@@ -343,3 +343,13 @@ def test_a_directory_of_named_adapters_points_at_the_subfolder(llama_adapter, tm
     FileNotFoundError, match=r"holds the named adapter\(s\) \['mine'\] .* pass adapter_dir='.*/root/mine'"
   ):
     import_peft(tmp_path / 'root', model, params)
+
+
+def test_null_init_and_rslora_read_as_peft_reads_them():
+  """`init_lora_weights: null` draws no special init and `use_rslora: null` is falsy in PEFT: plain LoRA
+  (they were refused, the first as 'rewrites the base weights')."""
+  base = dict(peft_type='LORA', r=4, lora_alpha=8, target_modules=['q_proj'])
+  spec = parse_peft_config({**base, 'init_lora_weights': None, 'use_rslora': None})
+  assert spec.module_settings('model.layers.0.self_attn.q_proj')['use_rslora'] is False
+  with pytest.raises(ValueError, match=r"use_rslora='yes'; expected true or false"):
+    parse_peft_config({**base, 'use_rslora': 'yes'})

@@ -913,10 +913,25 @@ def _most_common(values):
   return Counter(values).most_common(1)[0][0]
 
 
-def check_task_type(task_type) -> None:
-  """`task_type` is one PEFT knows (peft.TaskType), or None; PEFT refuses to load any other."""
+# Task types whose PeftModel subclass needs a generating model (prepare_inputs_for_generation).
+_GENERATING_TASKS = ('CAUSAL_LM', 'SEQ_2_SEQ_LM')
+
+
+def check_task_type(task_type, family: Family | None = None) -> None:
+  """`task_type` is one PEFT knows (peft.TaskType), or None; PEFT refuses to load any other. With a
+  `family`, also one its class loads under: CAUSAL_LM needs an LM class, SEQ_2_SEQ_LM an encoder-decoder."""
   if task_type is not _DEFAULT and task_type is not None and task_type not in TASK_TYPES:
     raise ValueError(f'`task_type`={task_type!r} is not a PEFT task type; expected one of {list(TASK_TYPES)} or None.')
+  if family is None or task_type not in _GENERATING_TASKS:
+    return
+  generates = DEFAULT_TASK_TYPES.get(family.name) == 'CAUSAL_LM'
+  if task_type == 'SEQ_2_SEQ_LM' or not generates:
+    fits = [t for t in TASK_TYPES if t not in _GENERATING_TASKS or (t == 'CAUSAL_LM' and generates)]
+    raise ValueError(
+      f'`task_type`={task_type!r} cannot be loaded onto {family.hf_class_name}: PEFT wraps that task in a class that '
+      f'generates text, which {family.hf_class_name} does not. Expected one of {fits} or None (default '
+      f'{DEFAULT_TASK_TYPES.get(family.name)!r}).'
+    )
 
 
 def export_peft(
@@ -962,6 +977,7 @@ def export_peft(
     )
   check_task_type(task_type)
   family, config = _resolve_family(family, config, model.base)
+  check_task_type(task_type, family)
   check_adapter_leaves(params, model)
   mm = module_map(family, config)
   fail = lambda why, fix: ValueError(f'export_peft cannot write this model as a PEFT adapter: {why}. Fix: {fix}.')

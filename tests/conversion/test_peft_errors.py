@@ -353,3 +353,29 @@ def test_null_init_and_rslora_read_as_peft_reads_them():
   assert spec.module_settings('model.layers.0.self_attn.q_proj')['use_rslora'] is False
   with pytest.raises(ValueError, match=r"use_rslora='yes'; expected true or false"):
     parse_peft_config({**base, 'use_rslora': 'yes'})
+
+
+@pytest.mark.parametrize(
+  'family, task_type', [('bert', 'CAUSAL_LM'), ('bert', 'SEQ_2_SEQ_LM'), ('gpt2', 'SEQ_2_SEQ_LM')]
+)
+def test_export_refuses_a_task_type_the_class_cannot_load(tmp_path, family, task_type):
+  """PEFT wraps CAUSAL_LM / SEQ_2_SEQ_LM in generating classes: BertModel (and any decoder-only model for
+  seq2seq) then fails in PeftModel.from_pretrained; export_peft wrote the directory anyway."""
+  import transformers
+
+  fam = get_family(family)
+  if family == 'bert':
+    hf = transformers.BertModel(
+      transformers.BertConfig(
+        vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+      )
+    )
+  else:
+    hf = tiny_gpt2()
+  config = fam.config_from_hf(hf.config.to_dict())
+  model, params = fam.flax_model(config), fam.torch_to_flax(hf.state_dict(), config)
+  target = 'query' if family == 'bert' else 'c_attn'
+  adapted, p = fa.adapt(model, params, {target: fa.LoRA(rank=2)}, jax.ShapeDtypeStruct((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match=rf"`task_type`='{task_type}' cannot be loaded onto {fam.hf_class_name}"):
+    export_peft(tmp_path / 'out', adapted, p, task_type=task_type)
+  assert not (tmp_path / 'out').exists()

@@ -30,6 +30,30 @@ _NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
 # Wrappers that rewrite the wrapped layer's weights before every use (through nn.map_variables).
 _WEIGHT_REWRITERS = (nn.WeightNorm, nn.SpectralNorm)
 
+
+def _lifted_params_axis(module) -> int | None:
+  """The axis nn.scan / nn.vmap stack this module's params on (None: not stacked, or not found).
+
+  Linen keeps a lifted class's transform arguments only in its wrapped methods' closures.
+  """
+  if type(module).__module__ != 'flax.linen.transforms':
+    return None
+  for method in vars(type(module)).values():
+    code, cells = getattr(method, '__code__', None), getattr(method, '__closure__', None)
+    if code is None or not cells:
+      continue
+    closure = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+    kwargs, args = closure.get('trafo_kwargs'), closure.get('trafo_args')
+    if not isinstance(kwargs, Mapping):
+      continue
+    axes = kwargs.get('variable_axes')
+    if axes is None and args and isinstance(args[0], Mapping):  # nn.vmap passes it positionally
+      axes = args[0]
+    axis = axes.get('params') if isinstance(axes, Mapping) else None
+    return axis if isinstance(axis, int) and not isinstance(axis, bool) else None
+  return None
+
+
 # Kernel axes are written in capitals (A, B, ...), free input/output axes in lowercase; the
 # capitals 'Z' and 'Y' are reserved for an adapter's rank and bottleneck axes.
 RANK = 'Z'
@@ -345,16 +369,23 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
       )
   sites: dict[tuple[str, ...], Site] = {}
   rewriting: list[str] = []  # weight-rewriting wrappers (WeightNorm, SpectralNorm) now running
+  lifted: dict[tuple[str, ...], str] = {}  # paths of nn.scan / nn.vmap stacking params off the first axis
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if context.method_name != '__call__' or module.scope is None:
+    if module.scope is None:
       return next_fun(*call_args, **call_kwargs)
+    axis = _lifted_params_axis(module)
+    if axis:  # nn.scan / nn.vmap stacking the params below this path on an axis other than the first
+      lifted[tuple(module.scope.path)] = f"{type(module).__name__}, variable_axes={{'params': {axis}}}"
+    if context.method_name != '__call__':
+      return next_fun(*call_args, **call_kwargs)
+    # Layers called inside WeightNorm / SpectralNorm see other weights than the params tree holds.
     wrapper = isinstance(module, _WEIGHT_REWRITERS)
     if wrapper:
       rewriting.append(type(module).__name__)
-    # The innermost of nested calls records its site first, with its depth.
     try:
+      # The innermost of nested calls records its site first, with its depth.
       with nested_call(module) as depth:
         out = next_fun(*call_args, **call_kwargs)
     finally:
@@ -395,6 +426,10 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
       return model.init(rngs, *a, **kw)
 
   variables = jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr])
+  for path, site in sites.items():
+    stacking = [lifted[path[:i]] for i in range(len(path)) if path[:i] in lifted]
+    if stacking:  # the layers run inside the transform, after its own (intercepted) call returned
+      sites[path] = dataclasses.replace(site, options=site.options + (('weights_rewritten_by', stacking[-1]),))
   return Trace(variables=variables, sites=sites)
 
 

@@ -222,3 +222,42 @@ def test_layers_under_weight_norm_wrappers_are_refused_not_merged_wrong(wrapper)
   adapted, p = fa.adapt(model, params, [fa.Rule(target='plain', methods=fa.LoRA(rank=2))], x, modules_to_save=['fc'])
   mask = fa.trainable_mask(adapted, p)
   assert mask['fc'] == {'kernel': True, 'bias': True} and mask['plain']['lora_a'] and not mask['plain']['kernel']
+
+
+class _Step(nn.Module):
+  @nn.compact
+  def __call__(self, c, _):
+    return jnp.tanh(nn.Dense(4, name='fc')(c)), None
+
+
+class StackedOnAxis(nn.Module):
+  axis: int
+  lift: str
+
+  @nn.compact
+  def __call__(self, x):
+    if self.lift == 'scan':
+      stack = nn.scan(_Step, variable_axes={'params': self.axis}, split_rngs={'params': True}, length=3)
+      return stack(name='stack')(x, None)[0]
+    stack = nn.vmap(_Step, variable_axes={'params': self.axis}, split_rngs={'params': True}, in_axes=(0, None))
+    return stack(name='stack')(jnp.broadcast_to(x, (3,) + x.shape), None)[0]
+
+
+@pytest.mark.parametrize('lift', ['scan', 'vmap'])
+def test_layers_stacked_off_the_first_axis_are_refused(lift):
+  """variable_axes={'params': 1} slices the kernel on axis 1 while adapter leaves stack on axis 0: IA3
+  merged silently wrong (0.2 off) and LoRA failed inside dot_general. Axis 0 adapts as before."""
+  x = jnp.ones((2, 4))
+  for method in (fa.IA3(), fa.LoRA(rank=2)):
+    model = StackedOnAxis(1, lift)
+    params = model.init(jax.random.key(0), x)['params']
+    with pytest.raises(
+      ValueError,
+      match=r"stack.fc \(Dense, dense\) runs inside a lifted nn.scan / nn.vmap .*variable_axes=\{'params': 0\}",
+    ):
+      fa.adapt(model, params, [fa.Rule(target='fc', methods=method)], x)
+    model = StackedOnAxis(0, lift)
+    params = model.init(jax.random.key(0), x)['params']
+    adapted, p = fa.adapt(model, params, [fa.Rule(target='fc', methods=method)], x)
+    assert adapted.plan[0].stack == (3,)
+    np.testing.assert_allclose(adapted.apply({'params': p}, x), model.apply({'params': params}, x), atol=1e-6)

@@ -1,7 +1,10 @@
 """`flax-adapters-convert`: Hugging Face model directories and PEFT adapters <-> Flax.
 
-  flax-adapters-convert to-flax  HF_DIR   OUT_DIR [--param-dtype bfloat16] [--overwrite]
-      writes OUT_DIR/config.json and OUT_DIR/flax_params.msgpack
+  flax-adapters-convert to-flax  HF_DIR   OUT_DIR [--param-dtype bfloat16] [--ignore REGEX]... [--set FIELD=VALUE]...
+                                 [--overwrite]
+      writes OUT_DIR/config.json and OUT_DIR/flax_params.msgpack; --ignore drops the checkpoint keys a
+      regex fully matches, deliberately (a task head: --ignore 'cls\\..*'), --set overrides a config field
+      (--set add_pooling_layer=false; VALUE is read as JSON, else as a string)
   flax-adapters-convert to-torch FLAX_DIR OUT_DIR [--dtype bfloat16] [--overwrite]
       writes OUT_DIR/config.json and OUT_DIR/model.safetensors (loadable by from_pretrained)
   flax-adapters-convert import-peft PEFT_DIR BASE_DIR OUT_DIR [--overwrite]
@@ -21,6 +24,7 @@ adapter files there are refused, never deleted.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -136,9 +140,34 @@ def _flax_base(flax_dir: str):
   return family, config, params
 
 
-def to_flax(hf_dir: str, out_dir: str, param_dtype: str = 'float32', overwrite: bool = False) -> None:
+def parse_overrides(items) -> dict:
+  """`['add_pooling_layer=false', ...]` -> `{'add_pooling_layer': False}` (values JSON, else strings)."""
+  out = {}
+  for item in items or ():
+    field, sep, text = item.partition('=')
+    if not sep or not field.isidentifier():
+      raise ValueError(
+        f'--set {item!r}: expected FIELD=VALUE with a config field name, e.g. --set add_pooling_layer=false.'
+      )
+    try:
+      out[field] = json.loads(text)
+    except json.JSONDecodeError:
+      out[field] = text
+  return out
+
+
+def to_flax(
+  hf_dir: str,
+  out_dir: str,
+  param_dtype: str = 'float32',
+  overwrite: bool = False,
+  ignore: tuple[str, ...] = (),
+  overrides: dict | None = None,
+) -> None:
   check_output(out_dir, {'HF_DIR': hf_dir}, WRITES['to-flax'], overwrite)
-  _, params, config = load_pretrained(hf_dir, param_dtype=jnp.dtype(param_dtype))
+  _, params, config = load_pretrained(
+    hf_dir, param_dtype=jnp.dtype(param_dtype), ignore=tuple(ignore), **(overrides or {})
+  )
   os.makedirs(out_dir, exist_ok=True)
   data = serialization.msgpack_serialize(params)
 
@@ -226,6 +255,20 @@ def main(argv: list[str] | None = None) -> int:
   a.add_argument('hf_dir')
   a.add_argument('out_dir')
   a.add_argument('--param-dtype', default='float32', choices=('float32', 'bfloat16', 'float16'))
+  a.add_argument(
+    '--ignore',
+    action='append',
+    default=[],
+    metavar='REGEX',
+    help="drop the checkpoint keys this regex fully matches, e.g. 'cls\\..*'",
+  )
+  a.add_argument(
+    '--set',
+    action='append',
+    default=[],
+    metavar='FIELD=VALUE',
+    help='override a config field, e.g. add_pooling_layer=false',
+  )
   a.add_argument('--overwrite', action='store_true', help=_OVERWRITE_HELP.format(' and '.join(WRITES['to-flax'])))
   b = sub.add_parser('to-torch', help='flax directory -> HF directory (model.safetensors)')
   b.add_argument('flax_dir')
@@ -280,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == 'to-flax':
-      to_flax(args.hf_dir, args.out_dir, args.param_dtype, args.overwrite)
+      to_flax(args.hf_dir, args.out_dir, args.param_dtype, args.overwrite, args.ignore, parse_overrides(args.set))
     elif args.command == 'to-torch':
       to_torch(args.flax_dir, args.out_dir, args.dtype, args.overwrite)
     elif args.command == 'import-peft':

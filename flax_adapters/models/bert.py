@@ -78,12 +78,13 @@ class BertConfig:
     return cls(**{**hf_config.known_fields(cls, hf, 'bert'), **overrides})
 
   def to_hf(self) -> dict[str, Any]:
-    """The HF `config.json` dict of this architecture (for `BertModel`)."""
-    return {
-      'model_type': 'bert',
-      'architectures': ['BertModel'],
-      **hf_config.hf_dict(self, drop=('add_pooling_layer',)),
-    }
+    """The HF `config.json` dict of this architecture (for `BertModel`).
+
+    `add_pooling_layer` is a `BertModel` argument, not an HF config field; it is written only when
+    False, so that a pooler-less model read back (by `from_hf`) stays pooler-less.
+    """
+    d = hf_config.hf_dict(self, drop=() if not self.add_pooling_layer else ('add_pooling_layer',))
+    return {'model_type': 'bert', 'architectures': ['BertModel'], **d}
 
 
 class BertOutput(NamedTuple):

@@ -101,14 +101,22 @@ class Houlsby(Method):
         f"Houlsby at placement 'linear' wraps linear layers, but {site.describe()} is not one. "
         "Use houlsby_placement='block' to wrap sub-blocks."
       )
+    if site.option('batch_dims'):  # before the output check: such sites record no feature axes
+      raise AdapterError(
+        f'Houlsby cannot wrap {site.describe()}: a DenseGeneral with batch_dims={site.option("batch_dims")} (a '
+        'separate kernel per batch index) is not supported. Target a different layer, or wrap the block around '
+        "it (houlsby_placement='block')."
+      )
+    if site.unsupported_letters:
+      raise AdapterError(
+        f'Houlsby cannot wrap {site.describe()}: kernel axes {site.unsupported_letters!r} of {site.kernel!r} are '
+        'neither contracted with the input nor output features (e.g. an Einsum batch axis, or DenseGeneral '
+        "batch_dims). Target a different layer, or wrap the block around it (houlsby_placement='block')."
+      )
     if not site.feature_out:
       raise AdapterError(
         f'Houlsby needs {site.describe()} to return one array whose last axis is the feature '
         f'axis; it returns {site.option("output")}.'
-      )
-    if site.unsupported_letters:
-      raise AdapterError(
-        f'Houlsby cannot wrap {site.describe()}: its kernel has batch axes {site.unsupported_letters!r}.'
       )
     features = int(np.prod(site.size(site.feature_out)))
     if self.latent_dim > features:

@@ -261,3 +261,17 @@ def test_layers_stacked_off_the_first_axis_are_refused(lift):
     adapted, p = fa.adapt(model, params, [fa.Rule(target='fc', methods=method)], x)
     assert adapted.plan[0].stack == (3,)
     np.testing.assert_allclose(adapted.apply({'params': p}, x), model.apply({'params': params}, x), atol=1e-6)
+
+
+def test_houlsby_on_dense_general_with_batch_dims_names_them():
+  """The refusal said the layer 'returns None' (it returns a feature-last array)."""
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral(3, axis=-1, batch_dims=(0,), name='dgb')(x)
+
+  x = jnp.ones((2, 5, 4))
+  params = Net().init(jax.random.key(0), x)['params']
+  with pytest.raises(ValueError, match=r'Houlsby cannot wrap dgb .*DenseGeneral with batch_dims=\(0,\)'):
+    fa.adapt(Net(), params, {'dgb': fa.Houlsby(latent_dim=2, placement='linear')}, x)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from flax_adapters.models import hf_config
-from flax_adapters.models.layers import Dtype, activation, dot_product_attention, padding_mask
+from flax_adapters.models.layers import Dtype, activation, check_ids, dot_product_attention, padding_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +268,10 @@ class BertModel(nn.Module):
           f'{self.config.max_position_embeddings}; positions beyond them would read NaN. Truncate the input.'
         )
       position_ids = jnp.arange(input_ids.shape[-1])[None]
+    cfg = self.config
+    check_ids(input_ids, cfg.vocab_size, argument='input_ids', field='vocab_size')
+    check_ids(token_type_ids, cfg.type_vocab_size, argument='token_type_ids', field='type_vocab_size')
+    check_ids(position_ids, cfg.max_position_embeddings, argument='position_ids', field='max_position_embeddings')
     x = BertEmbeddings(self.config, name='embeddings', **kw)(input_ids, token_type_ids, position_ids, deterministic)
     x = BertEncoder(self.config, name='encoder', **kw)(x, padding_mask(attention_mask), deterministic)
     pooled = BertPooler(self.config, name='pooler', **kw)(x) if self.config.add_pooling_layer else None

@@ -20,6 +20,7 @@ from flax_adapters.models.layers import (
   Dtype,
   activation,
   at_least_f32,
+  check_ids,
   cross_entropy,
   dot_product_attention,
   padding_mask,
@@ -270,6 +271,8 @@ class GPT2Model(nn.Module):
           'position embeddings; positions beyond them would read NaN. Truncate the input.'
         )
       position_ids = jnp.arange(input_ids.shape[-1])[None]
+    check_ids(input_ids, self.config.vocab_size, argument='input_ids', field='vocab_size')
+    check_ids(position_ids, self.config.n_positions, argument='position_ids', field='n_positions')
     x = self.drop(self.wte(input_ids) + self.wpe(position_ids), deterministic=deterministic)
     mask = padding_mask(attention_mask)
     for block in self.h:

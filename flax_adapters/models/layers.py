@@ -12,6 +12,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype | type
 
@@ -294,6 +295,25 @@ def token_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     return dot(lhs, rhs, dimension_numbers)
   y = dot(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), tuple(rhs_contract)), ((), ())))
   return y.reshape(lhs.shape[:-1] + y.shape[1:])
+
+
+def check_ids(ids, limit: int, *, argument: str, field: str) -> None:
+  """Refuse ids outside `[0, limit)` when they are concrete (an embedding lookup outside its table gives
+  NaN, or a wrong row, where torch raises). Traced ids (under jit) cannot be read and pass unchecked.
+
+  Examples:
+    >>> check_ids(jnp.array([[0, 5]]), 4, argument='input_ids', field='vocab_size')
+    Traceback (most recent call last):
+    ValueError: `input_ids` holds ids in [0, 5], but the model has vocab_size=4 rows; ...
+  """
+  if ids is None or isinstance(ids, jax.core.Tracer):
+    return
+  values = np.asarray(ids)
+  if values.size and (values.min() < 0 or values.max() >= limit):
+    raise ValueError(
+      f'`{argument}` holds ids in [{values.min()}, {values.max()}], but the model has {field}={limit} rows; '
+      f'an id outside [0, {limit}) reads NaN or a wrong embedding. Check the tokenizer / ids against the config.'
+    )
 
 
 def padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_adapters.models import hf_config
-from flax_adapters.models.layers import Dtype, RMSNorm, activation, dot_product_attention, padding_mask
+from flax_adapters.models.layers import Dtype, RMSNorm, activation, check_ids, dot_product_attention, padding_mask
 
 ROPE_TYPES = ('default', 'linear', 'llama3')
 
@@ -306,6 +306,7 @@ class LlamaModel(nn.Module):
   def __call__(self, input_ids, attention_mask=None, position_ids=None, *, deterministic: bool = True):
     if position_ids is None:
       position_ids = jnp.arange(input_ids.shape[-1])[None]
+    check_ids(input_ids, self.config.vocab_size, argument='input_ids', field='vocab_size')
     x = self.embed_tokens(input_ids)
     # Shared by every layer, so computed once.
     cos, sin = rotary_cos_sin(self.config, jnp.broadcast_to(position_ids, input_ids.shape), x.dtype)

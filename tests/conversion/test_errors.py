@@ -337,3 +337,28 @@ def test_input_longer_than_the_position_table_is_refused():
   )
   with pytest.raises(ValueError, match=r'input_ids has length 9, but the model has max_position_embeddings=8'):
     bert.init(jax.random.key(0), ids)
+
+
+def test_out_of_range_ids_are_refused_when_concrete():
+  """An embedding lookup outside its table read NaN (GPT-2 positions, BERT tokens) or a wrong row (BERT
+  token types) where torch raises; concrete ids are checked, traced ones (under jit) cannot be."""
+  from flax_adapters.models.bert import BertModel
+  from flax_adapters.models.gpt2 import GPT2LMHeadModel
+
+  ids = jnp.ones((1, 4), jnp.int32)
+  gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+  params = jax.jit(gpt2.init)(jax.random.key(0), ids)['params']  # traced: not checked
+  with pytest.raises(ValueError, match=r'`position_ids` holds ids in \[0, 200\], but the model has n_positions=8 rows'):
+    gpt2.apply({'params': params}, ids, None, jnp.array([[0, 1, 100, 200]]))
+  with pytest.raises(ValueError, match=r'`input_ids` holds ids in \[1, 32\], but the model has vocab_size=32 rows'):
+    gpt2.apply({'params': params}, ids.at[0, 0].set(32))
+  bert = BertModel(
+    BertConfig(
+      vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, type_vocab_size=1
+    )
+  )
+  params = jax.jit(bert.init)(jax.random.key(0), ids)['params']
+  with pytest.raises(ValueError, match=r'`token_type_ids` holds ids in \[1, 1\], but the model has type_vocab_size=1'):
+    bert.apply({'params': params}, ids, None, jnp.ones((1, 4), jnp.int32))
+  with pytest.raises(ValueError, match=r'`input_ids` holds ids in \[-1, 1\]'):
+    bert.apply({'params': params}, ids.at[0, 0].set(-1))

@@ -130,7 +130,7 @@ def _refuse_rewritten_weights(method, site) -> None:
   if wrapper is not None:
     raise AdapterError(
       f'{site.describe()} runs inside nn.{wrapper}, which rewrites its weights before every use: a merged '
-      f'{method.name} delta would be normalised away (and {wrapper} may normalise the adapter leaves too). '
+      f'{method.name} delta would be rewritten with them, and {wrapper} may rewrite the adapter leaves too. '
       f'Adapt a layer outside the {wrapper}, or train this one whole (modules_to_save=[{site.name!r}]).'
     )
 

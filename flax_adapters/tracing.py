@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import inspect
 import string
 from collections.abc import Mapping
 from typing import Any
@@ -31,10 +32,21 @@ _NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm, nn.InstanceNorm)
 _WEIGHT_REWRITERS = (nn.WeightNorm, nn.SpectralNorm)
 
 
-def _lifted_params_axis(module) -> int | None:
-  """The axis nn.scan / nn.vmap stack this module's params on (None: not stacked, or not found).
+_IDENTITY_MAP = inspect.signature(nn.map_variables).parameters['trans_in_fn'].default
 
-  Linen keeps a lifted class's transform arguments only in its wrapped methods' closures.
+
+def _maps_params(collections) -> bool:
+  if collections is True or collections == 'params':
+    return True
+  return isinstance(collections, (list, tuple, set, frozenset)) and 'params' in collections
+
+
+def _lifted_params_note(module) -> str | None:
+  """Why the layers inside a lifted transform see other params than the tree holds at their paths, or None.
+
+  nn.scan / nn.vmap stacking params on an axis other than the first, or nn.map_variables with a
+  `trans_in_fn` on params. Linen keeps a lifted class's transform arguments only in its wrapped
+  methods' closures.
   """
   if type(module).__module__ != 'flax.linen.transforms':
     return None
@@ -43,14 +55,20 @@ def _lifted_params_axis(module) -> int | None:
     if code is None or not cells:
       continue
     closure = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
-    kwargs, args = closure.get('trafo_kwargs'), closure.get('trafo_args')
+    kwargs, args = closure.get('trafo_kwargs'), closure.get('trafo_args') or ()
     if not isinstance(kwargs, Mapping):
       continue
+    if getattr(closure.get('transform'), '__name__', '') == 'map_variables':
+      collections = kwargs.get('mapped_collections', args[0] if args else True)
+      trans_in = kwargs.get('trans_in_fn', args[1] if len(args) > 1 else _IDENTITY_MAP)
+      return 'map_variables' if _maps_params(collections) and trans_in is not _IDENTITY_MAP else None
     axes = kwargs.get('variable_axes')
     if axes is None and args and isinstance(args[0], Mapping):  # nn.vmap passes it positionally
       axes = args[0]
     axis = axes.get('params') if isinstance(axes, Mapping) else None
-    return axis if isinstance(axis, int) and not isinstance(axis, bool) else None
+    if isinstance(axis, int) and not isinstance(axis, bool) and axis != 0:
+      return f"{type(module).__name__}, variable_axes={{'params': {axis}}}"
+    return None
   return None
 
 
@@ -369,15 +387,19 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
       )
   sites: dict[tuple[str, ...], Site] = {}
   rewriting: list[str] = []  # weight-rewriting wrappers (WeightNorm, SpectralNorm) now running
-  lifted: dict[tuple[str, ...], str] = {}  # paths of nn.scan / nn.vmap stacking params off the first axis
+  lifted: dict[tuple[str, ...], str] = {}  # paths of lifted transforms that change their layers' params
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
     if module.scope is None:
       return next_fun(*call_args, **call_kwargs)
-    axis = _lifted_params_axis(module)
-    if axis:  # nn.scan / nn.vmap stacking the params below this path on an axis other than the first
-      lifted[tuple(module.scope.path)] = f"{type(module).__name__}, variable_axes={{'params': {axis}}}"
+    note = _lifted_params_note(module)
+    if note:  # the layers below this module see other params than the tree holds at their paths
+      # Its intercepted call runs in the parent's scope, before it binds its own: add its name.
+      own = tuple(module.scope.path)
+      if module.name is not None and own[-1:] != (module.name,):
+        own += (module.name,)
+      lifted[own] = note
     if context.method_name != '__call__':
       return next_fun(*call_args, **call_kwargs)
     # Layers called inside WeightNorm / SpectralNorm see other weights than the params tree holds.
@@ -427,8 +449,9 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
 
   variables = jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr])
   for path, site in sites.items():
-    stacking = [lifted[path[:i]] for i in range(len(path)) if path[:i] in lifted]
-    if stacking:  # the layers run inside the transform, after its own (intercepted) call returned
+    stacking = [lifted[path[:i]] for i in range(len(path) + 1) if path[:i] in lifted]
+    if stacking and site.option('weights_rewritten_by') is None:
+      # The layers run inside the transform, after its own (intercepted) call returned.
       sites[path] = dataclasses.replace(site, options=site.options + (('weights_rewritten_by', stacking[-1]),))
   return Trace(variables=variables, sites=sites)
 

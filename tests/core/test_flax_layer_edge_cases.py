@@ -203,17 +203,21 @@ class NormWrapped(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(4, name='plain')(x)
+    if self.wrapper == 'map_variables':
+      double = nn.map_variables(nn.Dense, 'params', trans_in_fn=lambda v: jax.tree.map(lambda t: 2 * t, v), init=True)
+      return double(3, name='fc')(x)
     inner = nn.Dense(3, name='fc')
     if self.wrapper == 'WeightNorm':
       return nn.WeightNorm(inner)(x)
     return nn.SpectralNorm(inner)(x, update_stats=False)
 
 
-@pytest.mark.parametrize('wrapper', ['WeightNorm', 'SpectralNorm'])
+@pytest.mark.parametrize('wrapper', ['WeightNorm', 'SpectralNorm', 'map_variables'])
 def test_layers_under_weight_norm_wrappers_are_refused_not_merged_wrong(wrapper):
-  """nn.WeightNorm / nn.SpectralNorm rewrite the wrapped kernel before each use, so a folded delta was
-  normalised away (merge silently differed from the adapted model by up to 1.4; IA3 merged back to the
-  base) and SpectralNorm crashed on LoRA leaves: adapters there are refused, naming the wrapper."""
+  """nn.WeightNorm / nn.SpectralNorm / a params-mapping nn.map_variables rewrite the wrapped kernel before
+  each use, so a folded delta was normalised away (merge silently differed from the adapted model by up to
+  1.4; IA3 merged back to the base; doubling broke IA3's init identity) and SpectralNorm crashed on LoRA
+  leaves: adapters there are refused, naming the wrapper."""
   model, x = NormWrapped(wrapper), jnp.ones((2, 5))
   params = model.init(jax.random.key(0), x)['params']
   for method in (fa.LoRA(rank=2), fa.IA3()):

@@ -129,10 +129,15 @@ def _digest_v1(leaf) -> list[float]:
   return [float(x.sum()), float(x @ w)]
 
 
+def _is_key(v) -> bool:
+  """A typed PRNG key (NNX keeps its rng streams in the state: `nnx.Dropout(rngs=...)`)."""
+  return jax.dtypes.issubdtype(getattr(v, 'dtype', None) or np.float32, jax.dtypes.prng_key)
+
+
 def _structure(params) -> list[tuple[str, tuple[int, ...], str]]:
   flat = traverse_util.flatten_dict(params)
   return sorted(
-    (paths_lib.raw(k), tuple(np.shape(v)), str(jnp.dtype(v.dtype)))
+    (paths_lib.raw(k), tuple(np.shape(v)), str(v.dtype) if _is_key(v) else str(jnp.dtype(v.dtype)))
     for k, v in flat.items()
     if k[-1] not in methods_lib.LEAF_NAMES
   )
@@ -143,7 +148,8 @@ def base_fingerprint(model: AdaptedModel, params) -> dict[str, Any]:
   mask = traverse_util.flatten_dict(trainable_mask(model, params))
   flat = traverse_util.flatten_dict(params)
   structure = _structure(params)
-  values = {paths_lib.raw(k): _digest(v) for k, v in sorted(flat.items()) if not mask[k]}
+  # A PRNG key is rng state that advances as the model runs, not a weight: its place is in `structure`.
+  values = {paths_lib.raw(k): _digest(v) for k, v in sorted(flat.items()) if not mask[k] and not _is_key(v)}
   return {
     'structure_sha256': hashlib.sha256(repr(structure).encode()).hexdigest(),
     'structure': [list(s[:1]) + [list(s[1]), s[2]] for s in structure],

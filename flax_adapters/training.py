@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -25,6 +26,19 @@ TRAINABLE, FROZEN = 'trainable', 'frozen'
 # A norm's running statistics: state, never trained, even where they sit in the params tree (a whole
 # NNX state: BatchNorm's mean/var; a converted torch state dict: running_mean/var).
 NORM_STATISTICS = frozenset({'mean', 'var', 'running_mean', 'running_var', 'num_batches_tracked'})
+
+
+def _is_state(key: tuple[str, ...], value, flat) -> bool:
+  """Leaves that are state, never trained however the mode selects them: non-float leaves (NNX rng
+  keys and counters, step counts) and a norm's running statistics (`mean` beside `var`, as in NNX
+  BatchNorm, or torch's `running_mean`/`running_var`/`num_batches_tracked`)."""
+  dtype = getattr(value, 'dtype', None)
+  if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) or not jnp.issubdtype(dtype, jnp.inexact):
+    return True
+  name = key[-1]
+  if name in ('running_mean', 'running_var', 'num_batches_tracked'):
+    return True
+  return name in ('mean', 'var') and key[:-1] + ('mean',) in flat and key[:-1] + ('var',) in flat
 
 
 def _is_trainable(model: AdaptedModel, key: tuple[str, ...]) -> bool:
@@ -55,7 +69,9 @@ def trainable_mask(model: AdaptedModel, params) -> dict:
     raise TypeError(f'`model` must be the AdaptedModel from prepare_for_transfer, found {type(model).__name__}.')
   check_adapter_leaves(params, model)  # base params would give an all-False mask: nothing would train
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({k: _is_trainable(model, k) for k in flat})
+  return traverse_util.unflatten_dict(
+    {k: _is_trainable(model, k) and not _is_state(k, v, flat) for k, v in flat.items()}
+  )
 
 
 def partition(params, mask):

@@ -276,3 +276,45 @@ def test_linen_kinds_take_kind_names_only():
   for hint in (('stacked', 1, 'dense'), 'dnse'):
     with pytest.raises(ValueError, match=r"`kinds` gives 'fc' the kind .*; a linen model takes one of \['dense'"):
       fa.adapt(model, params, [fa.Rule(target='fc', methods=fa.LoRA(rank=2))], x, kinds={'fc': hint})
+
+
+def _nnx_state_model():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.fc = nnx.Linear(4, 4, rngs=rngs)
+      self.bn = nnx.BatchNorm(4, use_running_average=True, rngs=rngs)
+      self.drop = nnx.Dropout(0.1, rngs=rngs)  # keeps an rng stream (a key and a uint32 count) in the state
+
+  return nnx.to_pure_dict(nnx.split(Net(nnx.Rngs(0)))[1])
+
+
+@pytest.mark.parametrize(
+  'config',
+  [
+    fa.TransferConfig(mode='full'),
+    fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['fc'], modules_to_save=['bn', 'drop']),
+  ],
+  ids=['full', 'modules_to_save'],
+)
+def test_state_leaves_never_train_and_checkpoints_take_rng_keys(tmp_path, config):
+  """An NNX state's BatchNorm mean/var, rng key and counter are state: full fine-tuning and
+  modules_to_save marked them trainable (Adam moved the running statistics; jax.grad failed on the
+  uint32 counter), and save_adapters crashed on the key's dtype."""
+  base = _nnx_state_model()
+  model, p = fa.prepare_params(base, config, rng=jax.random.key(1))
+  mask = fa.trainable_mask(model, p)
+  assert mask['bn'] == {'bias': True, 'mean': False, 'scale': True, 'var': False}
+  assert mask['drop'] == {'rngs': {'count': False, 'key': False}}
+  trainable, frozen = fa.partition(p, mask)
+  loss = lambda q: sum(jnp.sum(x**2) for x in jax.tree.leaves(q) if jnp.issubdtype(x.dtype, jnp.floating))
+  step = fa.make_train_step(loss, optax.adam(0.1))
+  trainable, _, _ = step(trainable, optax.adam(0.1).init(trainable), frozen)
+  trained = fa.combine(trainable, frozen)
+  np.testing.assert_array_equal(trained['bn']['mean'], base['bn']['mean'])
+  np.testing.assert_array_equal(trained['bn']['var'], base['bn']['var'])
+  assert not np.array_equal(trained['bn']['scale'], base['bn']['scale'])
+  fa.save_adapters(tmp_path / 'ckpt', model, trained)
+  loaded = fa.load_adapters(tmp_path / 'ckpt', model, p)
+  np.testing.assert_array_equal(loaded['bn']['scale'], trained['bn']['scale'])

@@ -246,6 +246,8 @@ _CONV_FIELDS = (
 
 def _own_leaves(module: nn.Module) -> tuple[tuple[str, tuple[int, ...], str], ...]:
   params = module.variables.get('params', {}) if module.scope is not None else {}
+  # At init, nn.with_partitioning's params come boxed (nn.Partitioned); apply gets the plain arrays.
+  params = nn.meta.unbox(params)
   return tuple(
     (name, tuple(v.shape), str(jnp.dtype(v.dtype))) for name, v in sorted(params.items()) if not isinstance(v, Mapping)
   )
@@ -447,7 +449,7 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
     with nn.intercept_methods(interceptor):
       return model.init(rngs, *a, **kw)
 
-  variables = jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr])
+  variables = nn.meta.unbox(jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr]))
   for path, site in sites.items():
     stacking = [lifted[path[:i]] for i in range(len(path) + 1) if path[:i] in lifted]
     if stacking and site.option('weights_rewritten_by') is None:

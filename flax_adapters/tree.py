@@ -64,6 +64,12 @@ def check_params_fit(
       "collection: variables['params']."
     )
   given = traverse_util.flatten_dict(params)
+  boxed = sorted(paths_lib.raw(k) for k, v in given.items() if hasattr(v, 'unbox') and not hasattr(v, 'shape'))
+  if boxed:
+    raise TypeError(
+      f'`{argument}` holds metadata boxes (nn.Partitioned from nn.with_partitioning) at {_listed(boxed, 4)}; pass '
+      "the plain arrays: nn.unbox(variables)['params'] (keep nn.get_partition_spec(variables) for sharding)."
+    )
   expected = traverse_util.flatten_dict(abstract)
   if bare_tree:
     base = {k: None for p in foreign_adapter_dicts(params, adapter_leaves) for k in given if k[:-1] == p}

@@ -279,3 +279,26 @@ def test_houlsby_on_dense_general_with_batch_dims_names_them():
   params = Net().init(jax.random.key(0), x)['params']
   with pytest.raises(ValueError, match=r'Houlsby cannot wrap dgb .*DenseGeneral with batch_dims=\(0,\)'):
     fa.adapt(Net(), params, {'dgb': fa.Houlsby(latent_dim=2, placement='linear')}, x)
+
+
+def test_with_partitioning_models_adapt_and_their_specs_reach_the_adapters():
+  """nn.with_partitioning boxes params at init: tracing read the boxes (AttributeError on `.shape`), and
+  boxed params passed in were blamed on their shapes."""
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      k = nn.with_partitioning(nn.initializers.lecun_normal(), (None, 'model'))
+      return nn.Dense(4, name='out')(nn.Dense(8, name='q_proj', kernel_init=k)(x))
+
+  x = jnp.ones((2, 4))
+  variables = Net().init(jax.random.key(0), x)
+  config = fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['q_proj'])
+  model, p = fa.prepare_for_transfer(Net(), nn.unbox(variables)['params'], config, x)
+  specs = fa.partition_specs(model, p, nn.get_partition_spec(variables)['params'])
+  assert specs['q_proj']['lora_b'] == jax.sharding.PartitionSpec(None, 'model') and specs['q_proj'][
+    'lora_a'
+  ] == jax.sharding.PartitionSpec(None, None)
+  with pytest.raises(TypeError, match=r'holds metadata boxes \(nn.Partitioned .*\) at q_proj/kernel; pass the plain'):
+    fa.prepare_for_transfer(Net(), variables['params'], config, x)

@@ -161,6 +161,7 @@ class AdaptedModel:
 
 def check_adapter_leaves(params, model: AdaptedModel) -> None:
   """Every planned adapter leaf is present with the planned shape, and none is left unplanned (never ignored)."""
+  tree_lib.refuse_nnx_state(params)
   flat = traverse_util.flatten_dict(params) if isinstance(params, Mapping) else {}
   foreign = tree_lib.foreign_adapter_dicts(params, methods_lib.LEAF_NAMES) if model.base is None and flat else set()
   found: dict[Path, set[str]] = {}

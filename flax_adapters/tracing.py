@@ -24,6 +24,7 @@ from flax import linen as nn
 from flax import traverse_util
 
 from flax_adapters import paths as paths_lib
+from flax_adapters import tree as tree_lib
 
 KINDS = ('dense', 'dense_general', 'einsum', 'conv', 'conv_other', 'norm', 'embed', 'block')
 LINEAR_KINDS = ('dense', 'dense_general', 'einsum')
@@ -531,6 +532,7 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
     >>> t.sites[('fc',)].kind, t.sites[('ln',)].kind, t.sites[('emb',)].kind
     ('dense', 'norm', 'embed')
   """
+  tree_lib.refuse_nnx_state(params)
   if not isinstance(params, Mapping):
     raise TypeError(f'`params` must be a nested dict of arrays, found {type(params).__name__}.')
   kinds = dict(kinds or {})

@@ -28,6 +28,15 @@ def set_subtree(params: Mapping, path: Path, value) -> dict:
   return out
 
 
+def refuse_nnx_state(params, argument: str = 'params') -> None:
+  """An `nnx.State` is not a plain nested dict (flax's traverse_util asserts on it): say how to get one."""
+  if type(params).__module__.startswith('flax.nnx'):
+    raise TypeError(
+      f'`{argument}` is a flax.nnx {type(params).__name__}; pass its plain nested dict, nnx.to_pure_dict(state) '
+      '(and nnx.replace_by_pure_dict(state, ...) to put folded weights back).'
+    )
+
+
 def has_leaves(tree) -> bool:
   return bool(traverse_util.flatten_dict(tree)) if isinstance(tree, Mapping) else tree is not None
 
@@ -37,13 +46,13 @@ def _listed(keys: list[str], n: int = 6) -> str:
 
 
 def foreign_adapter_dicts(params: Mapping, adapter_leaves) -> set[Path]:
-  """Paths of dicts that hold nothing but adapter-named leaves: another library's adapter module
-  (nnx.LoRALinear's `lora` holds `lora_a`/`lora_b`), part of a bare base tree. Ours always sit
-  beside a layer's own leaves (a bare tree has no parameter-free modules to carry them)."""
+  """Paths of dicts whose only leaves are adapter-named: another library's adapter module
+  (nnx.LoRALinear's `lora` holds `lora_a`/`lora_b`; nnx.LoRA holds them beside its `base_module`
+  dict), part of a bare base tree. Ours always sit beside a layer's own leaves (its kernel)."""
   flat = traverse_util.flatten_dict(params)
   holding = {k[:-1] for k in flat if k[-1] in adapter_leaves}
-  mixed = {k[:i] for k in flat for i in range(len(k)) if len(k) - i > 1 or k[-1] not in adapter_leaves}
-  return holding - mixed
+  layers = {k[:-1] for k in flat if k[-1] not in adapter_leaves}  # dicts with a leaf of their own
+  return holding - layers
 
 
 def check_params_fit(

@@ -318,3 +318,27 @@ def test_state_leaves_never_train_and_checkpoints_take_rng_keys(tmp_path, config
   fa.save_adapters(tmp_path / 'ckpt', model, trained)
   loaded = fa.load_adapters(tmp_path / 'ckpt', model, p)
   np.testing.assert_array_equal(loaded['bn']['scale'], trained['bn']['scale'])
+
+
+def test_nnx_lora_with_a_base_module_is_base_and_an_nnx_state_is_named():
+  """nnx.LoRA(base_module=...) keeps `lora_a`/`lora_b` beside a `base_module` dict: base params, not ours
+  (adapting any other layer was refused as 'already holds adapter leaves'); an nnx.State passed for the
+  pure dict got flax's bare AssertionError."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lo = nnx.LoRA(4, 2, 6, base_module=nnx.Linear(4, 6, rngs=rngs), rngs=rngs)
+      self.fc = nnx.Linear(6, 3, rngs=rngs)
+
+  state = nnx.split(Net(nnx.Rngs(0)))[1]
+  base = nnx.to_pure_dict(state)
+  model, p = fa.adapt(None, base, {'fc': fa.IA3()})
+  assert fa.trainable_mask(model, p)['lo'] == {
+    'base_module': {'bias': False, 'kernel': False},
+    'lora_a': False,
+    'lora_b': False,
+  }
+  for call in (lambda: fa.adapt(None, state, {'fc': fa.IA3()}), lambda: fa.materialize(state, model)):
+    with pytest.raises(TypeError, match=r'`params` is a flax.nnx State; pass its plain nested dict, nnx.to_pure_dict'):
+      call()

@@ -52,9 +52,21 @@ CHECKPOINT_ENTRIES = frozenset({'params', 'meta', 'commit_success.txt'})
 # -- config and plan as JSON -----------------------------------------------------------------
 
 
+# Compiled-regex flags that an inline group `(?...)` spells, so that a saved target reads back the same.
+_INLINE_FLAGS = {re.IGNORECASE: 'i', re.MULTILINE: 'm', re.DOTALL: 's', re.VERBOSE: 'x', re.ASCII: 'a'}
+
+
+def _regex_json(pattern: re.Pattern) -> str:
+  """`'re:' + pattern`, its flags written inline (`re.compile('q', re.I)` -> `'re:(?i)q'`)."""
+  if isinstance(pattern.pattern, bytes):
+    raise TypeError(f'target {pattern!r} is a bytes regex; module paths are str: compile a str pattern.')
+  flags = ''.join(letter for flag, letter in _INLINE_FLAGS.items() if pattern.flags & flag)
+  return 're:' + (f'(?{flags})' if flags else '') + pattern.pattern
+
+
 def _jsonable(value):
   if isinstance(value, re.Pattern):
-    return 're:' + value.pattern
+    return _regex_json(value)
   if isinstance(value, np.generic):  # np.int64(4), np.float32(16.0): the value, not its dtype's name
     return value.item()
   if isinstance(value, (list, tuple)):

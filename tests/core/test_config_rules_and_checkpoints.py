@@ -57,6 +57,20 @@ def test_numpy_numbers_in_a_config_survive_a_checkpoint(setup, tmp_path):
   assert {e.methods[0].rank for e in restored.plan} == {2}
 
 
+def test_regex_flags_survive_a_checkpoint(setup, tmp_path):
+  """A compiled target's flags were dropped on save ('re:' + pattern), so the checkpoint restored with
+  other targets (here: none, and an error)."""
+  import re
+
+  model, params, x = setup
+  config = fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=[re.compile(r'.*Q_PROJ', re.IGNORECASE)])
+  adapted, p = fa.prepare_for_transfer(model, params, config, x)
+  fa.save_adapters(tmp_path / 'ckpt', adapted, p)
+  assert fa.read_meta(tmp_path / 'ckpt')['config']['lora_targets'] == ['re:(?i).*Q_PROJ']
+  restored, _ = fa.restore_transfer(tmp_path / 'ckpt', model, params, x)
+  assert [e.site.path for e in restored.plan] == [e.site.path for e in adapted.plan] != []
+
+
 def test_load_names_what_differs(setup, tmp_path):
   model, params, x = setup
   adapted, p = fa.prepare_for_transfer(model, params, fa.TransferConfig(mode='lora', lora_rank=2), x)

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import traverse_util
 
@@ -92,14 +93,51 @@ def partition(params, mask):
 
 def combine(*trees):
   """Merge trees with `None` holes (from `partition`): the first non-None leaf wins."""
+  structures = [jax.tree.structure(t, is_leaf=lambda x: x is None) for t in trees]
+  if any(s != structures[0] for s in structures[1:]):
+    raise ValueError(
+      '`combine` takes trees of one structure with None holes, the halves `partition` returns '
+      '(combine(trainable, frozen)); these trees differ in structure.'
+    )
 
   def first(*leaves):
     return next((leaf for leaf in leaves if leaf is not None), None)
 
-  return jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+  out = jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
+  if isinstance(out, Mapping):
+    holes = sorted(paths_lib.raw(k) for k, v in traverse_util.flatten_dict(out).items() if v is None)
+    if holes:
+      raise ValueError(
+        f'`combine` left holes at {holes[:4]}{" ..." if len(holes) > 4 else ""}: no tree has a leaf there. '
+        'Pass both halves from partition: combine(trainable, frozen).'
+      )
+  return out
+
+
+def _check_bools(mask):
+  if isinstance(mask, Mapping):
+    wrong = [
+      f'{paths_lib.raw(k)}={v!r}'
+      for k, v in traverse_util.flatten_dict(mask).items()
+      if not isinstance(v, (bool, np.bool_))
+      and not (getattr(v, 'shape', None) == () and str(getattr(v, 'dtype', '')) == 'bool')
+    ]
+    if wrong:
+      raise TypeError(
+        f'`mask` must hold a bool per leaf (True: trains), found {wrong[:3]}{" ..." if len(wrong) > 3 else ""}; '
+        'build it with trainable_mask(model, params).'
+      )
 
 
 def _check_mask(params, mask):
+  _check_bools(mask)
+  if isinstance(params, Mapping):
+    holes = sorted(paths_lib.raw(k) for k, v in traverse_util.flatten_dict(params).items() if v is None)
+    if holes:
+      raise TypeError(
+        f'`params` has None at {holes[:4]}{" ..." if len(holes) > 4 else ""}: it is a half from partition already; '
+        'partition the whole tree, fa.combine(trainable, frozen).'
+      )
   if jax.tree.structure(params) != jax.tree.structure(mask):
     p = set(traverse_util.flatten_dict(params)) if isinstance(params, Mapping) else None
     m = set(traverse_util.flatten_dict(mask)) if isinstance(mask, Mapping) else None
@@ -128,6 +166,7 @@ def transfer_optimizer(tx: optax.GradientTransformation, mask) -> optax.Gradient
     >>> sum(x.size for x in jax.tree.leaves(state))  # adam's mu and nu for 'w', plus its count
     7
   """
+  _check_bools(mask)
   return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels(mask))
 
 

@@ -93,3 +93,28 @@ def test_partition_combine_grads_only_for_trainable_part():
 def test_partition_rejects_a_mask_of_another_tree():
   with pytest.raises(ValueError, match='`mask` must have exactly the structure of `params`'):
     fa.partition({'a': 1.0, 'b': 2.0}, {'a': True})
+
+
+def test_partition_combine_and_halves_passed_as_params_are_named():
+  """A non-bool mask entry ('no') silently trained; combine returned trees with holes; a trainable half
+  passed where the whole tree belongs gave AttributeErrors or counted each None as a parameter."""
+  params = {'a': jnp.ones(2), 'b': {'c': jnp.zeros(3)}}
+  with pytest.raises(TypeError, match=r"`mask` must hold a bool per leaf \(True: trains\), found \[\"b/c='no'\"\]"):
+    fa.partition(params, {'a': True, 'b': {'c': 'no'}})
+  t, f = fa.partition(params, {'a': True, 'b': {'c': False}})
+  with pytest.raises(TypeError, match=r"`params` has None at \['b/c'\]: it is a half from partition already"):
+    fa.partition(t, {'a': True, 'b': {'c': False}})
+  with pytest.raises(ValueError, match=r"`combine` left holes at \['b/c'\]: no tree has a leaf there"):
+    fa.combine(t, t)
+  with pytest.raises(ValueError, match=r'`combine` takes trees of one structure'):
+    fa.combine(t, {'a': None})
+  with pytest.raises(TypeError, match=r'`mask` must hold a bool per leaf'):
+    fa.transfer_optimizer(optax.adam(1e-3), {'a': 1, 'b': {'c': 0}})
+  jax.tree.map(np.testing.assert_array_equal, fa.combine(t, f), params)
+  model, p = fa.prepare_params(
+    {'fc': {'kernel': jnp.ones((4, 3))}}, fa.TransferConfig(mode='lora', lora_rank=2, lora_targets=['fc'])
+  )
+  half, _ = fa.partition(p, fa.trainable_mask(model, p))
+  for call in (fa.param_summary, fa.materialize, fa.trainable_mask):
+    with pytest.raises(TypeError, match=r"`params` has None at \['fc/kernel'\]: one half of partition\(\)"):
+      call(model, half) if call is not fa.materialize else call(half, model)

@@ -571,8 +571,9 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
     if kernel is None and base_hint in ('dense', 'dense_general', 'conv'):
       raise ValueError(
         f'`kinds` says {paths_lib.dotted(path)!r} is {base_hint!r}, but it has no `kernel` leaf (it holds '
-        f'{sorted(map(str, leaves))}). A layer of a bare tree holds its kernel as `kernel` (flax, NNX) or `w` '
-        '(Haiku), laid out (*inputs, outputs); transpose a torch-layout `weight` ([out, in]) into a `kernel`.'
+        f'{sorted(map(str, leaves))}). A `kinds` target matches every path containing it: narrow it to the '
+        "layers (e.g. 'layers.fc', not 'layers'). A layer of a bare tree holds its kernel as `kernel` (flax, NNX) "
+        'or `w` (Haiku), laid out (*inputs, outputs); transpose a torch-layout `weight` ([out, in]) into a `kernel`.'
       )
     if kernel is None:
       if not leaves:

@@ -163,11 +163,10 @@ def check_adapter_leaves(params, model: AdaptedModel) -> None:
   """Every planned adapter leaf is present with the planned shape, and none is left unplanned (never ignored)."""
   tree_lib.refuse_nnx_state(params)
   flat = traverse_util.flatten_dict(params) if isinstance(params, Mapping) else {}
-  holes = sorted(paths_lib.raw(k) for k, v in flat.items() if v is None)
-  if holes:
+  if tree_lib.holes(params):
     raise TypeError(
-      f'`params` has None at {holes[:4]}{" ..." if len(holes) > 4 else ""}: one half of partition(). Pass the '
-      'whole tree, fa.combine(trainable, frozen).'
+      f'`params` has None at {tree_lib.holes(params)}: one half of partition(). Pass the whole tree, '
+      'fa.combine(trainable, frozen).'
     )
   foreign = tree_lib.foreign_adapter_dicts(params, methods_lib.LEAF_NAMES) if model.base is None and flat else set()
   found: dict[Path, set[str]] = {}

@@ -21,6 +21,7 @@ import optax
 from flax import traverse_util
 
 from flax_adapters import paths as paths_lib
+from flax_adapters import tree as tree_lib
 from flax_adapters.forward import AdaptedModel, check_adapter_leaves
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
@@ -104,13 +105,12 @@ def combine(*trees):
     return next((leaf for leaf in leaves if leaf is not None), None)
 
   out = jax.tree.map(first, *trees, is_leaf=lambda x: x is None)
-  if isinstance(out, Mapping):
-    holes = sorted(paths_lib.raw(k) for k, v in traverse_util.flatten_dict(out).items() if v is None)
-    if holes:
-      raise ValueError(
-        f'`combine` left holes at {holes[:4]}{" ..." if len(holes) > 4 else ""}: no tree has a leaf there. '
-        'Pass both halves from partition: combine(trainable, frozen).'
-      )
+  left = tree_lib.holes(out)
+  if left:
+    raise ValueError(
+      f'`combine` left holes at {left}: no tree has a leaf there. Pass both halves from partition: '
+      'combine(trainable, frozen).'
+    )
   return out
 
 
@@ -131,13 +131,11 @@ def _check_bools(mask):
 
 def _check_mask(params, mask):
   _check_bools(mask)
-  if isinstance(params, Mapping):
-    holes = sorted(paths_lib.raw(k) for k, v in traverse_util.flatten_dict(params).items() if v is None)
-    if holes:
-      raise TypeError(
-        f'`params` has None at {holes[:4]}{" ..." if len(holes) > 4 else ""}: it is a half from partition already; '
-        'partition the whole tree, fa.combine(trainable, frozen).'
-      )
+  if tree_lib.holes(params):
+    raise TypeError(
+      f'`params` has None at {tree_lib.holes(params)}: it is a half from partition already; partition the whole '
+      'tree, fa.combine(trainable, frozen).'
+    )
   if jax.tree.structure(params) != jax.tree.structure(mask):
     p = set(traverse_util.flatten_dict(params)) if isinstance(params, Mapping) else None
     m = set(traverse_util.flatten_dict(mask)) if isinstance(mask, Mapping) else None

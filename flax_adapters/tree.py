@@ -37,6 +37,13 @@ def refuse_nnx_state(params, argument: str = 'params') -> None:
     )
 
 
+def holes(tree) -> str:
+  """The paths of a nested dict's None leaves (what `partition` leaves in each half), listed; '' if none."""
+  if not isinstance(tree, Mapping):
+    return ''
+  return _listed(sorted(paths_lib.raw(k) for k, v in traverse_util.flatten_dict(tree).items() if v is None), 4)
+
+
 def has_leaves(tree) -> bool:
   return bool(traverse_util.flatten_dict(tree)) if isinstance(tree, Mapping) else tree is not None
 

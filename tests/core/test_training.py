@@ -102,9 +102,9 @@ def test_partition_combine_and_halves_passed_as_params_are_named():
   with pytest.raises(TypeError, match=r"`mask` must hold a bool per leaf \(True: trains\), found \[\"b/c='no'\"\]"):
     fa.partition(params, {'a': True, 'b': {'c': 'no'}})
   t, f = fa.partition(params, {'a': True, 'b': {'c': False}})
-  with pytest.raises(TypeError, match=r"`params` has None at \['b/c'\]: it is a half from partition already"):
+  with pytest.raises(TypeError, match=r'`params` has None at b/c: it is a half from partition already'):
     fa.partition(t, {'a': True, 'b': {'c': False}})
-  with pytest.raises(ValueError, match=r"`combine` left holes at \['b/c'\]: no tree has a leaf there"):
+  with pytest.raises(ValueError, match=r'`combine` left holes at b/c: no tree has a leaf there'):
     fa.combine(t, t)
   with pytest.raises(ValueError, match=r'`combine` takes trees of one structure'):
     fa.combine(t, {'a': None})
@@ -116,5 +116,5 @@ def test_partition_combine_and_halves_passed_as_params_are_named():
   )
   half, _ = fa.partition(p, fa.trainable_mask(model, p))
   for call in (fa.param_summary, fa.materialize, fa.trainable_mask):
-    with pytest.raises(TypeError, match=r"`params` has None at \['fc/kernel'\]: one half of partition\(\)"):
+    with pytest.raises(TypeError, match=r'`params` has None at fc/kernel: one half of partition\(\)'):
       call(model, half) if call is not fa.materialize else call(half, model)

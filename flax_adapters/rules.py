@@ -120,13 +120,14 @@ _HOW_TARGETS_MATCH = (
 
 
 def _refuse_rewritten_weights(method, site) -> None:
-  wrapper = site.option('weights_rewritten_by')
-  if wrapper is not None and 'variable_axes' in wrapper:
+  stacker = site.option('params_stacked_by')
+  if stacker is not None:
     raise AdapterError(
-      f'{site.describe()} runs inside a lifted nn.scan / nn.vmap ({wrapper}) that stacks its params on an axis '
+      f'{site.describe()} runs inside a lifted nn.scan / nn.vmap ({stacker}) that stacks its params on an axis '
       f"other than the first, but {method.name}'s per-layer leaves are stacked first. Stack the layers first: "
       "variable_axes={'params': 0}."
     )
+  wrapper = site.option('weights_rewritten_by')
   if wrapper is not None:
     raise AdapterError(
       f'{site.describe()} runs inside nn.{wrapper}, which rewrites its weights before every use: a merged '

@@ -42,12 +42,13 @@ def _maps_params(collections) -> bool:
   return isinstance(collections, (list, tuple, set, frozenset)) and 'params' in collections
 
 
-def _lifted_params_note(module) -> str | None:
-  """Why the layers inside a lifted transform see other params than the tree holds at their paths, or None.
+def _lifted_params_note(module) -> tuple[str, str] | None:
+  """Why the layers inside a lifted transform see other params than the tree holds at their paths, as a
+  Site option `(key, label)`, or None.
 
-  nn.scan / nn.vmap stacking params on an axis other than the first, or nn.map_variables with a
-  `trans_in_fn` on params. Linen keeps a lifted class's transform arguments only in its wrapped
-  methods' closures.
+  nn.map_variables with a `trans_in_fn` on params (`weights_rewritten_by`), or nn.scan / nn.vmap stacking
+  params on an axis other than the first (`params_stacked_by`). Linen keeps a lifted class's transform
+  arguments only in its wrapped methods' closures.
   """
   if type(module).__module__ != 'flax.linen.transforms':
     return None
@@ -62,13 +63,14 @@ def _lifted_params_note(module) -> str | None:
     if getattr(closure.get('transform'), '__name__', '') == 'map_variables':
       collections = kwargs.get('mapped_collections', args[0] if args else True)
       trans_in = kwargs.get('trans_in_fn', args[1] if len(args) > 1 else _IDENTITY_MAP)
-      return 'map_variables' if _maps_params(collections) and trans_in is not _IDENTITY_MAP else None
+      rewrites = _maps_params(collections) and trans_in is not _IDENTITY_MAP
+      return ('weights_rewritten_by', 'map_variables') if rewrites else None
     axes = kwargs.get('variable_axes')
     if axes is None and args and isinstance(args[0], Mapping):  # nn.vmap passes it positionally
       axes = args[0]
     axis = axes.get('params') if isinstance(axes, Mapping) else None
     if isinstance(axis, int) and not isinstance(axis, bool) and axis != 0:
-      return f"{type(module).__name__}, variable_axes={{'params': {axis}}}"
+      return ('params_stacked_by', f"{type(module).__name__}, variable_axes={{'params': {axis}}}")
     return None
   return None
 
@@ -390,7 +392,7 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
       )
   sites: dict[tuple[str, ...], Site] = {}
   rewriting: list[str] = []  # weight-rewriting wrappers (WeightNorm, SpectralNorm) now running
-  lifted: dict[tuple[str, ...], str] = {}  # paths of lifted transforms that change their layers' params
+  lifted: dict[tuple[str, ...], tuple[str, str]] = {}  # lifted transforms changing their layers' params
 
   def interceptor(next_fun, call_args, call_kwargs, context):
     module = context.module
@@ -452,10 +454,11 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
 
   variables = nn.meta.unbox(jax.eval_shape(init, [l for l, arr in zip(leaves, is_array) if arr]))
   for path, site in sites.items():
-    stacking = [lifted[path[:i]] for i in range(len(path) + 1) if path[:i] in lifted]
-    if stacking and site.option('weights_rewritten_by') is None:
-      # The layers run inside the transform, after its own (intercepted) call returned.
-      sites[path] = dataclasses.replace(site, options=site.options + (('weights_rewritten_by', stacking[-1]),))
+    # The layers run inside the transform, after its own (intercepted) call returned: match by path.
+    notes = dict(lifted[path[:i]] for i in range(len(path) + 1) if path[:i] in lifted)
+    notes = {k: v for k, v in notes.items() if site.option(k) is None}
+    if notes:
+      sites[path] = dataclasses.replace(site, options=site.options + tuple(notes.items()))
   return Trace(variables=variables, sites=sites)
 
 

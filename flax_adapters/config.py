@@ -15,12 +15,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flax_adapters import methods as methods_lib
-from flax_adapters.methods.base import check_positive_int, check_positive_number
+from flax_adapters.methods.base import check_dropout, check_positive_int, check_positive_number
 from flax_adapters.methods.houlsby import ACTIVATIONS as HOULSBY_ACTIVATIONS
 from flax_adapters.methods.houlsby import INITS as HOULSBY_INITS
 from flax_adapters.methods.houlsby import PLACEMENTS as HOULSBY_PLACEMENTS
 from flax_adapters.placement import check_adapter_dtype
-from flax_adapters.rules import check_target
+from flax_adapters.paths import check_target
 
 # Modes that stand for what trains rather than for an adapter method.
 BASE_MODES = ('linear', 'full')
@@ -31,6 +31,8 @@ Target = str | re.Pattern
 def _as_tuple(value: Any, name: str) -> tuple:
   if value is None:
     return ()
+  if isinstance(value, (bytes, bytearray)):
+    raise TypeError(f'`{name}` must be a string or a list of strings, found bytes {value!r}; decode it first.')
   if isinstance(value, (str, re.Pattern)):
     return (value,)
   if not isinstance(value, Sequence):
@@ -169,12 +171,7 @@ class TransferConfig:
       check_positive_int(getattr(self, name), name)
     for name in ('lora_alpha', 'locon_alpha'):
       check_positive_number(getattr(self, name), name)
-    if (
-      isinstance(self.lora_dropout, bool)
-      or not isinstance(self.lora_dropout, (int, float))
-      or not 0 <= self.lora_dropout < 1
-    ):
-      raise ValueError(f'`lora_dropout` must be a number in [0, 1), found {self.lora_dropout!r}.')
+    object.__setattr__(self, 'lora_dropout', check_dropout(self.lora_dropout, 'lora_dropout'))
     if self.houlsby_placement not in HOULSBY_PLACEMENTS:
       raise ValueError(
         f'`houlsby_placement` must be one of {list(HOULSBY_PLACEMENTS)}, found '

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 _LIST_SUFFIX = re.compile(r'^(.*\D)_(\d+)$')
 
@@ -104,3 +105,19 @@ def near_misses(target, paths: Iterable[Sequence[str]], n: int = 5) -> list[str]
 
 def describe_target(target) -> str:
   return f're:{target.pattern}' if isinstance(target, re.Pattern) else target
+
+
+def check_target(target: Any, argument: str) -> None:
+  """A target is a non-empty string, `'re:<regex>'` with a valid regex, or a compiled pattern."""
+  if isinstance(target, re.Pattern):
+    return
+  if not isinstance(target, str) or not target:
+    raise TypeError(
+      f'`{argument}` entries must be non-empty strings (substrings of module paths such as '
+      f"'q_proj'), 're:<regex>' strings or compiled regexes; found {target!r}."
+    )
+  if target.startswith('re:'):
+    try:
+      re.compile(target[3:])
+    except re.error as e:
+      raise ValueError(f'`{argument}` entry {target!r} is not a valid regex: {e}.') from None

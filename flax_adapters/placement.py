@@ -45,7 +45,10 @@ def check_adapter_dtype(adapter_dtype, argument: str = 'adapter_dtype') -> None:
 def _adapter_dtype(adapter_dtype, site: Site, params: Mapping, path: Path):
   if adapter_dtype is not None:
     return jnp.dtype(adapter_dtype)
-  dtype = site.kernel_dtype
+  # The kernel as the tree holds it (a model declared float32 may be given float64 or bfloat16 params).
+  node = get_subtree(params, path)
+  kernel = node.get(dict(site.option('leaf_names') or ()).get('kernel', 'kernel')) if isinstance(node, Mapping) else None
+  dtype = kernel.dtype if hasattr(kernel, 'dtype') else site.kernel_dtype
   if dtype is None:
     leaves = [v for v in jax.tree.leaves(get_subtree(params, path)) if jnp.issubdtype(v.dtype, jnp.floating)]
     dtype = leaves[0].dtype if leaves else jnp.float32
@@ -230,6 +233,11 @@ def adapt(
     ((4, 4), ['bias', 'ia3_scale', 'kernel', 'lora_a', 'lora_b'])
   """
   rules = rules_lib.as_rules(rules)
+  if not rules and not modules_to_save and not unfreeze_norm:
+    raise ValueError(
+      '`rules` is empty and neither `modules_to_save` nor `unfreeze_norm` is set, so nothing would train. '
+      "Give rules such as {'q_proj': fa.LoRA(rank=8)}, or name the modules that train whole in `modules_to_save`."
+    )
   if model is None:
     if example_args or example_kwargs:
       raise TypeError('`adapt` of a bare params tree (model=None) takes no example inputs.')

@@ -17,27 +17,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flax_adapters import paths as paths_lib
+from flax_adapters.paths import check_target
 from flax_adapters.methods import AdapterError, Method, sort_methods
 from flax_adapters.tracing import Site
 
 Path = tuple[str, ...]
 Target = str | re.Pattern
-
-
-def check_target(target: Any, argument: str) -> None:
-  """A target is a non-empty string, `'re:<regex>'` with a valid regex, or a compiled pattern."""
-  if isinstance(target, re.Pattern):
-    return
-  if not isinstance(target, str) or not target:
-    raise TypeError(
-      f'`{argument}` entries must be non-empty strings (substrings of module paths such as '
-      f"'q_proj'), 're:<regex>' strings or compiled regexes; found {target!r}."
-    )
-  if target.startswith('re:'):
-    try:
-      re.compile(target[3:])
-    except re.error as e:
-      raise ValueError(f'`{argument}` entry {target!r} is not a valid regex: {e}.') from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

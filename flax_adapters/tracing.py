@@ -382,7 +382,7 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
     >>> t.sites[()].kind, t.sites[()].kernel_shape
     ('dense', (4, 3))
   """
-  kinds = dict(kinds or {})
+  kinds = _check_kinds_targets(kinds)
   for target, forced in kinds.items():
     if not isinstance(forced, str) or forced not in KINDS:
       raise ValueError(
@@ -459,7 +459,29 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
     notes = {k: v for k, v in notes.items() if site.option(k) is None}
     if notes:
       sites[path] = dataclasses.replace(site, options=site.options + tuple(notes.items()))
+  _refuse_unmatched_kinds(kinds, sites)
   return Trace(variables=variables, sites=sites)
+
+
+def _check_kinds_targets(kinds) -> dict:
+  if kinds is None:
+    return {}
+  if not isinstance(kinds, Mapping):
+    raise TypeError(f"`kinds` must be a mapping {{target: kind}}, e.g. {{'conv1': 'conv'}}; found {type(kinds).__name__}.")
+  for target in kinds:
+    paths_lib.check_target(target, 'kinds')
+  return dict(kinds)
+
+
+def _refuse_unmatched_kinds(kinds: Mapping[str, Any], paths) -> None:
+  """A `kinds` hint that selects no module is a typo or a stale path: the module it meant keeps its
+  detected kind, so say so instead of adapting it as something else."""
+  for target in kinds:
+    if not any(paths_lib.matches(target, p) for p in paths):
+      raise ValueError(
+        f'`kinds` target {paths_lib.describe_target(target)!r} matches no module. Nearest module paths: '
+        f'{paths_lib.near_misses(target, paths)}. Targets are substrings of dotted paths, or \'re:<regex>\'.'
+      )
 
 
 # -- bare params trees (no linen model to trace) -----------------------------------------------
@@ -538,7 +560,7 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   tree_lib.refuse_nnx_state(params)
   if not isinstance(params, Mapping):
     raise TypeError(f'`params` must be a nested dict of arrays, found {type(params).__name__}.')
-  kinds = dict(kinds or {})
+  kinds = _check_kinds_targets(kinds)
   sites = {}
   flat = traverse_util.flatten_dict(params)
   for key, value in flat.items():
@@ -623,5 +645,6 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
         options=site.options + (('leaf_names', tuple(sorted(back.items()))),),
       )
     sites[path] = site
+  _refuse_unmatched_kinds(kinds, {k[:-1] for k in flat})
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), jnp.result_type(v)), params)
   return Trace(variables={'params': abstract}, sites=sites)

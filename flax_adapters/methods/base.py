@@ -233,6 +233,13 @@ def check_positive_number(value: Any, name: str) -> None:
     raise ValueError(f'`{name}` must be a positive number, found {value!r}.')
 
 
+def check_dropout(value: Any, name: str) -> float:
+  """A dropout rate in [0, 1) (Python or NumPy number), returned as a Python float."""
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or not 0 <= value < 1:
+    raise ValueError(f'`{name}` must be a number in [0, 1), found {value!r}.')
+  return float(value)
+
+
 def check_choice(value: Any, choices: Sequence[str], name: str, hint: str = '') -> None:
   if value not in choices:
     raise ValueError(f'`{name}` must be one of {list(choices)}, found {value!r}.{" " + hint if hint else ""}')

@@ -18,6 +18,7 @@ import numpy as np
 from flax_adapters.methods.base import (
   AdapterError,
   Method,
+  check_dropout,
   check_positive_int,
   check_positive_number,
   fold_dtype,
@@ -91,8 +92,7 @@ class LoRA(Method):
     check_positive_number(self.alpha, 'alpha')
     if not isinstance(self.use_rslora, bool):
       raise TypeError(f'`use_rslora` must be a bool, found {self.use_rslora!r}.')
-    if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-      raise ValueError(f'`dropout` must be a number in [0, 1), found {self.dropout!r}.')
+    object.__setattr__(self, 'dropout', check_dropout(self.dropout, 'dropout'))
 
   @classmethod
   def rules_from_config(cls, config):

@@ -19,8 +19,8 @@ from flax_adapters.methods.base import check_dropout, check_positive_int, check_
 from flax_adapters.methods.houlsby import ACTIVATIONS as HOULSBY_ACTIVATIONS
 from flax_adapters.methods.houlsby import INITS as HOULSBY_INITS
 from flax_adapters.methods.houlsby import PLACEMENTS as HOULSBY_PLACEMENTS
-from flax_adapters.placement import check_adapter_dtype
 from flax_adapters.paths import check_target
+from flax_adapters.placement import check_adapter_dtype
 
 # Modes that stand for what trains rather than for an adapter method.
 BASE_MODES = ('linear', 'full')

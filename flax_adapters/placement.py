@@ -47,7 +47,9 @@ def _adapter_dtype(adapter_dtype, site: Site, params: Mapping, path: Path):
     return jnp.dtype(adapter_dtype)
   # The kernel as the tree holds it (a model declared float32 may be given float64 or bfloat16 params).
   node = get_subtree(params, path)
-  kernel = node.get(dict(site.option('leaf_names') or ()).get('kernel', 'kernel')) if isinstance(node, Mapping) else None
+  kernel = (
+    node.get(dict(site.option('leaf_names') or ()).get('kernel', 'kernel')) if isinstance(node, Mapping) else None
+  )
   dtype = kernel.dtype if hasattr(kernel, 'dtype') else site.kernel_dtype
   if dtype is None:
     leaves = [v for v in jax.tree.leaves(get_subtree(params, path)) if jnp.issubdtype(v.dtype, jnp.floating)]

@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from flax_adapters import paths as paths_lib
-from flax_adapters.paths import check_target
 from flax_adapters.methods import AdapterError, Method, sort_methods
+from flax_adapters.paths import check_target
 from flax_adapters.tracing import Site
 
 Path = tuple[str, ...]

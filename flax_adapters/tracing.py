@@ -467,7 +467,9 @@ def _check_kinds_targets(kinds) -> dict:
   if kinds is None:
     return {}
   if not isinstance(kinds, Mapping):
-    raise TypeError(f"`kinds` must be a mapping {{target: kind}}, e.g. {{'conv1': 'conv'}}; found {type(kinds).__name__}.")
+    raise TypeError(
+      f"`kinds` must be a mapping {{target: kind}}, e.g. {{'conv1': 'conv'}}; found {type(kinds).__name__}."
+    )
   for target in kinds:
     paths_lib.check_target(target, 'kinds')
   return dict(kinds)
@@ -480,7 +482,7 @@ def _refuse_unmatched_kinds(kinds: Mapping[str, Any], paths) -> None:
     if not any(paths_lib.matches(target, p) for p in paths):
       raise ValueError(
         f'`kinds` target {paths_lib.describe_target(target)!r} matches no module. Nearest module paths: '
-        f'{paths_lib.near_misses(target, paths)}. Targets are substrings of dotted paths, or \'re:<regex>\'.'
+        f"{paths_lib.near_misses(target, paths)}. Targets are substrings of dotted paths, or 're:<regex>'."
       )
 
 

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -169,8 +170,7 @@ def base_fingerprint(model: AdaptedModel, params) -> dict[str, Any]:
   }
 
 
-def _compare_fingerprints(saved, model: AdaptedModel, params, directory) -> None:
-  current = base_fingerprint(model, params)
+def _compare_structure(saved, current, directory) -> None:
   if saved['structure_sha256'] != current['structure_sha256']:
     before = {s[0]: (tuple(s[1]), s[2]) for s in saved['structure']}
     now = {s[0]: (tuple(s[1]), s[2]) for s in current['structure']}
@@ -184,6 +184,9 @@ def _compare_fingerprints(saved, model: AdaptedModel, params, directory) -> None
       f'{len(diffs)} leaves differ ({"; ".join(diffs[:5])}{" ..." if len(diffs) > 5 else ""}). '
       'Load it onto the base it was trained on, prepared with the saved config.'
     )
+
+
+def _compare_values(saved, current, params, directory) -> None:
   flat = {paths_lib.raw(k): v for k, v in traverse_util.flatten_dict(params).items()}
   for key, digest in saved['frozen_values'].items():
     now = current['frozen_values'].get(key)
@@ -377,6 +380,9 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
   directory = os.path.abspath(os.fspath(directory))
   meta = read_meta(directory)
   check_adapter_leaves(params, model)  # base params passed by mistake: say so, do not blame the checkpoint
+  # Another base (architecture, head, dtypes) first: then the plan and trained set differ only because of it.
+  current = base_fingerprint(model, params)
+  _compare_structure(meta['base'], current, directory)
   if meta['plan'] != plan_to_json(model):
     try:
       saved = {'.'.join(map(str, e['path'])): e['methods'] for e in meta['plan']}
@@ -400,7 +406,7 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
       '`modules_to_save` or head setting). Prepare the model with the saved config: '
       'TransferConfig(**read_meta(directory)["config"]), or use restore_transfer.'
     )
-  _compare_fingerprints(meta['base'], model, params, directory)
+  _compare_values(meta['base'], current, params, directory)
   # orbax keeps dict keys as strings; NNX lists give integer keys, restored through their str form.
   flat_abstract = traverse_util.flatten_dict(
     jax.tree.map(ocp.utils.to_shape_dtype_struct, trained_leaves(model, params))
@@ -409,6 +415,7 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
   abstract = traverse_util.unflatten_dict({tuple(map(str, k)): v for k, v in flat_abstract.items()})
   if not os.path.isdir(os.path.join(directory, 'params')):
     raise _damaged(directory, 'trained leaves', FileNotFoundError('no params/ item'))
+  _refuse_lossy_casts(directory, flat_abstract)
   try:
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
       tree = ckptr.restore(directory, ocp.args.Composite(params=ocp.args.StandardRestore(abstract)))['params']
@@ -417,6 +424,32 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
   flat = traverse_util.flatten_dict(params)
   flat.update({keys[k]: v for k, v in traverse_util.flatten_dict(tree).items()})
   return traverse_util.unflatten_dict(flat)
+
+
+def _refuse_lossy_casts(directory: str, flat_abstract: Mapping) -> None:
+  """Saved float leaves restored into a narrower dtype (float32 adapters into an adapter_dtype=bfloat16
+  model) would be rounded: refuse, naming the leaves and both dtypes."""
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      saved = ckptr.metadata(os.path.join(directory, 'params'))
+    saved = traverse_util.flatten_dict(getattr(saved, 'item_metadata', saved).tree)
+  except Exception as e:  # orbax/tensorstore on a damaged item
+    raise _damaged(directory, 'trained leaves (params/)', e) from e
+  lossy = []
+  for key, target in flat_abstract.items():
+    found = getattr(saved.get(tuple(map(str, key))), 'dtype', None)
+    if found is None or not (jnp.issubdtype(found, jnp.floating) and jnp.issubdtype(target.dtype, jnp.floating)):
+      continue
+    if jnp.promote_types(found, target.dtype) != target.dtype:
+      lossy.append(f'{paths_lib.raw(key)} saved {jnp.dtype(found).name}, this model {jnp.dtype(target.dtype).name}')
+  if lossy:
+    raise ValueError(
+      f'loading {directory!r} would round {len(lossy)} trained leaves to a narrower dtype ('
+      + '; '.join(lossy[:3])
+      + (' ...' if len(lossy) > 3 else '')
+      + '). Prepare the model with the saved precision (adapter_dtype=None or the saved dtype; base params in '
+      'the dtype they were trained in), load, then cast the params if you want them narrower.'
+    )
 
 
 def restore_transfer(directory: str | os.PathLike, model, params, *example_args, **example_kwargs):

@@ -11,6 +11,7 @@ params. Everything else is JAX's own SPMD machinery (`jax.jit` with shardings ov
 from __future__ import annotations
 
 import jax
+import numpy as np
 import optax
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -67,7 +68,13 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
       raise ValueError(
         f'`base_specs` has no entry for {paths_lib.raw(key)}; give a spec (or None) for every base leaf.'
       )
-    out[key] = base[key]
+    spec, ndim = base[key], np.ndim(flat[key])
+    if len(spec) > ndim:
+      raise ValueError(
+        f'`base_specs` gives {paths_lib.raw(key)} the spec {spec}, {len(spec)} entries for a {ndim}-D leaf '
+        f'{tuple(np.shape(flat[key]))}; a PartitionSpec names at most one mesh axis (or None) per array axis.'
+      )
+    out[key] = spec
   for entry in model.plan:
     site = entry.site
     n_stack = len(entry.stack)

@@ -216,6 +216,17 @@ def make_train_step(
     ['lora_a', 'lora_b']
   """
 
+  if not callable(loss_fn):
+    raise TypeError(f'`loss_fn` must be a function loss_fn(params, *batch) -> loss; found {type(loss_fn).__name__}.')
+  if not (callable(getattr(tx, 'init', None)) and callable(getattr(tx, 'update', None))):
+    hint = ' (call it: optax.adamw(1e-4))' if callable(tx) else ''
+    raise TypeError(
+      f'`tx` must be an optax.GradientTransformation such as optax.adamw(1e-4){hint}; found {type(tx).__name__}.'
+    )
+  for name, flag in (('has_aux', has_aux), ('donate', donate), ('jit', jit)):
+    if not isinstance(flag, bool):
+      raise TypeError(f'`{name}` must be a bool, found {flag!r}.')
+
   def step(trainable, opt_state, frozen, *batch):
     def loss_of(t):
       return loss_fn(combine(t, frozen), *batch)

@@ -92,3 +92,81 @@ def test_adapters_follow_the_given_kernels_dtype(params, model):
   # bfloat16 params get float32 adapters, as before.
   _, p = fa.prepare_params(jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), cfg)
   assert p['q_proj']['lora_a'].dtype == jnp.float32
+
+
+class WithNorm(nn.Module):
+  """Another architecture: Net with a LayerNorm before `out`."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name='out')(nn.LayerNorm(name='ln')(nn.Dense(8, name='q_proj')(x)))
+
+
+def _saved(tmp_path, params, **cfg):
+  cfg = fa.TransferConfig(mode='lora', lora_targets='q_proj', lora_rank=2, **cfg)
+  model, p = fa.prepare_for_transfer(Net(), params, cfg, X)
+  p['q_proj']['lora_b'] = jnp.full_like(p['q_proj']['lora_b'], 0.1234567)
+  return fa.save_adapters(tmp_path / 'ck', model, p), p
+
+
+def test_load_refuses_to_round_trained_leaves(tmp_path, params):
+  # float32 adapters into a model prepared with adapter_dtype='bfloat16' were rounded silently.
+  d, _ = _saved(tmp_path, params)
+  narrow = fa.TransferConfig(mode='lora', lora_targets='q_proj', lora_rank=2, adapter_dtype='bfloat16')
+  model, p = fa.prepare_for_transfer(Net(), params, narrow, X)
+  with pytest.raises(
+    ValueError, match=r'would round 2 trained leaves .*q_proj/lora_a saved float32, this model bfloat16'
+  ):
+    fa.load_adapters(d, model, p)
+  # Widening is exact: bfloat16 adapters load into a float32 model unchanged.
+  model, p = fa.prepare_for_transfer(Net(), params, narrow, X)
+  p['q_proj']['lora_b'] = jnp.full_like(p['q_proj']['lora_b'], 0.1234567)
+  d2 = fa.save_adapters(tmp_path / 'bf16', model, p)
+  wide_model, wide = fa.prepare_for_transfer(
+    Net(), params, fa.TransferConfig(mode='lora', lora_targets='q_proj', lora_rank=2), X
+  )
+  loaded = fa.load_adapters(d2, wide_model, wide)
+  assert loaded['q_proj']['lora_b'].dtype == jnp.float32
+  np.testing.assert_array_equal(loaded['q_proj']['lora_b'], p['q_proj']['lora_b'].astype(jnp.float32))
+
+
+def test_restore_onto_another_architecture_names_the_base(tmp_path, params):
+  # The trained set differs (the other model has a norm to unfreeze) only because the base does: the
+  # base structure is named, not "another unfreeze_norm or modules_to_save setting".
+  d, _ = _saved(tmp_path, params, unfreeze_norm=True)
+  other = WithNorm().init(jax.random.key(0), X)['params']
+  with pytest.raises(ValueError, match=r'was trained on a different base model: 2 leaves differ \(ln/bias: saved None'):
+    fa.restore_transfer(d, WithNorm(), other, X)
+
+
+def test_partition_specs_longer_than_the_leaf(params):
+  from jax.sharding import PartitionSpec as P
+
+  model, p = fa.prepare_for_transfer(
+    Net(), params, fa.TransferConfig(mode='lora', lora_targets='q_proj', lora_rank=2), X
+  )
+  specs = {'q_proj': {'kernel': P(None, 'model', None), 'bias': P('model')}, 'out': {'kernel': P(), 'bias': P()}}
+  with pytest.raises(
+    ValueError, match=r'`base_specs` gives q_proj/kernel the spec .*3 entries for a 2-D leaf \(4, 8\)'
+  ):
+    fa.partition_specs(model, p, specs)
+  specs['q_proj']['kernel'] = P(None, 'model')
+  assert fa.partition_specs(model, p, specs)['q_proj']['lora_b'] == P(None, 'model')
+
+
+def test_make_train_step_arguments():
+  import optax
+
+  loss = lambda p, x: jnp.sum(p['w'] * x)
+  with pytest.raises(
+    TypeError, match=r'`tx` must be an optax.GradientTransformation .*\(call it: optax.adamw\(1e-4\)\); found function'
+  ):
+    fa.make_train_step(loss, optax.adam)
+  with pytest.raises(TypeError, match=r'`loss_fn` must be a function .* found dict'):
+    fa.make_train_step({'w': 1.0}, optax.adam(1e-2))
+  with pytest.raises(TypeError, match=r'`donate` must be a bool, found 0'):
+    fa.make_train_step(loss, optax.adam(1e-2), donate=0)
+  step = fa.make_train_step(loss, optax.sgd(0.5), donate=False)
+  t, _, value = step({'w': jnp.ones(2)}, optax.sgd(0.5).init({'w': jnp.ones(2)}), {'w': None}, jnp.array([1.0, 2.0]))
+  np.testing.assert_allclose(t['w'], [0.5, 0.0], atol=0)
+  assert float(value) == 3.0

@@ -91,7 +91,8 @@ def materialize(params, model: AdaptedModel):
   weight-standardized conv): those need the factored forward of `AdaptedModel.apply`.
   """
   if not isinstance(model, AdaptedModel):
-    raise TypeError(f'`model` must be an AdaptedModel, found {type(model).__name__}.')
+    swapped = ' (the arguments are swapped: materialize(params, model))' if isinstance(params, AdaptedModel) else ''
+    raise TypeError(f'`model` must be an AdaptedModel, found {type(model).__name__}{swapped}.')
   check_adapter_leaves(params, model)
   for entry in model.plan:
     module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))

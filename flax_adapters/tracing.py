@@ -541,11 +541,32 @@ def _unstacked(path, hint, leaves: Mapping[str, Any]):
   return inner, {k: jax.ShapeDtypeStruct(np.shape(v)[n:], jnp.result_type(v)) for k, v in leaves.items()}
 
 
+def _conv_groups(path, hint, kernel) -> int:
+  """The feature_group_count of a `('conv', {'feature_group_count': g})` hint, checked against the kernel."""
+  where = f'`kinds` gives {paths_lib.dotted(path)!r} {hint!r}'
+  options = hint[1] if len(hint) == 2 else None
+  if not isinstance(options, Mapping) or set(options) != {'feature_group_count'}:
+    raise ValueError(
+      f"{where}; a conv hint is 'conv', or ('conv', {{'feature_group_count': g}}) for a grouped conv "
+      '(a bare kernel (*window, in // g, out) does not say its groups).'
+    )
+  groups = options['feature_group_count']
+  if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
+    raise ValueError(f'{where}; feature_group_count must be a positive int, found {groups!r}.')
+  if np.ndim(kernel) < 3 or np.shape(kernel)[-1] % groups:
+    raise ValueError(
+      f'{where}, but its kernel {tuple(np.shape(kernel))} has {np.shape(kernel)[-1]} output features, not a '
+      f'multiple of {groups} groups (a grouped conv kernel is (*window, in // groups, out)).'
+    )
+  return int(groups)
+
+
 def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
   """Describe the layers of a bare params tree (NNX state, Equinox, Haiku, ...: no linen model).
 
   A dict holding a `kernel` (Haiku: `w`, with its bias `b`) is a layer: 2-D kernels are Dense; other
-  ranks need a hint in `kinds` (`'conv'`, or `('dense_general', n_input_axes)`). A dict with a
+  ranks need a hint in `kinds` (`'conv'`, `('conv', {'feature_group_count': g})` for a grouped or
+  depthwise conv, or `('dense_general', n_input_axes)`). A dict with a
   `scale` and no kernel is a norm (all its leaves but running statistics train with
   `unfreeze_norm`, Haiku's `offset` included); one with an `embedding` an embed; any other dict of
   leaves a block, which `modules_to_save` can name. Layers stacked on leading axes (`nnx.vmap`,
@@ -623,7 +644,10 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
           "stacked on leading axes (nnx.vmap, nnx.scan: kernel (layers, in, out)), ('stacked', 1, 'dense')."
         )
       hint = 'dense'
-    n_in = None
+    n_in, groups = None, 1
+    if isinstance(hint, tuple) and hint[0] == 'conv':
+      groups = _conv_groups(path, hint, kernel)
+      hint = 'conv'
     if isinstance(hint, tuple):
       hint, n_in = hint
       if isinstance(n_in, bool) or not isinstance(n_in, int) or not 1 <= n_in < np.ndim(kernel):
@@ -636,6 +660,7 @@ def trace_params(params, kinds: Mapping[str, Any] | None = None) -> Trace:
         f'`kinds` says {paths_lib.dotted(path)!r} is a conv, but its kernel is {np.ndim(kernel)}-D (a conv kernel is (*window, in, out)).'
       )
     module = _ParamsModule(path, leaves, hint, n_in)
+    module.feature_group_count = groups
     x_ndim = (n_in or 1) + 1 if hint != 'conv' else np.ndim(kernel)
     y = jax.ShapeDtypeStruct((1,) * (x_ndim - (n_in or 1)) + tuple(np.shape(kernel)[(n_in or 1) :]), kernel.dtype)
     site = make_site(module, hint, x_ndim, y, {})

@@ -342,3 +342,48 @@ def test_nnx_lora_with_a_base_module_is_base_and_an_nnx_state_is_named():
   for call in (lambda: fa.adapt(None, state, {'fc': fa.IA3()}), lambda: fa.materialize(state, model)):
     with pytest.raises(TypeError, match=r'`params` is a flax.nnx State; pass its plain nested dict, nnx.to_pure_dict'):
       call()
+
+
+def test_grouped_bare_conv_takes_its_groups_from_the_hint():
+  from flax import nnx
+
+  # A grouped nnx.Conv's kernel (3, 3, in // 4, out) does not say its groups; 'conv' alone read it as an
+  # ungrouped conv of 2 input channels, and IA3_FF / Locon adapted it as one.
+  with jax.enable_x64(True):
+    conv = nnx.Conv(8, 8, (3, 3), feature_group_count=4, param_dtype=F64, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(conv)
+    base = nnx.to_pure_dict(state)
+    assert base['kernel'].shape == (3, 3, 2, 8)
+    hint = {'re:.*': ('conv', {'feature_group_count': 4})}
+    for mode, targets in (
+      ('locon', dict(locon_targets=['re:.*'])),
+      ('ia3', dict(ia3_targets=['re:.*'], ia3_ff_targets=['re:.*'])),
+    ):
+      with pytest.raises(fa.AdapterError, match=r'grouped convolution|feature_group_count=4'):
+        fa.prepare_params(base, fa.TransferConfig(mode=mode, **targets), kinds=hint)
+    # Scaling the outputs (IA3) folds into a grouped kernel exactly.
+    model, p = fa.prepare_params(base, fa.TransferConfig(mode='ia3', ia3_targets=['re:.*']), kinds=hint)
+    scale = jax.random.uniform(jax.random.key(1), (8,), F64, 0.5, 1.5)
+    p['ia3_scale'] = scale
+    with pytest.raises(TypeError, match=r'the arguments are swapped: materialize\(params, model\)'):
+      fa.materialize(model, p)
+    merged = fa.materialize(p, model)
+    x = jax.random.normal(jax.random.key(2), (2, 5, 5, 8), F64)
+    nnx.update(conv, merged)
+    got = conv(x)
+    nnx.update(conv, base)
+    np.testing.assert_allclose(got, conv(x) * scale, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  'hint, message',
+  [
+    (('conv', 4), r"a conv hint is 'conv', or \('conv', \{'feature_group_count': g\}\)"),
+    (('conv', {'groups': 4}), r"a conv hint is 'conv', or \('conv', \{'feature_group_count': g\}\)"),
+    (('conv', {'feature_group_count': 0}), r'feature_group_count must be a positive int, found 0'),
+    (('conv', {'feature_group_count': 3}), r'has 8 output features, not a multiple of 3 groups'),
+  ],
+)
+def test_grouped_conv_hint_errors(hint, message):
+  with pytest.raises(ValueError, match=message):
+    fa.trace_params({'c': {'kernel': jnp.ones((3, 3, 2, 8))}}, kinds={'c': hint})

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from conversion.families import Family, get_family
@@ -80,6 +81,13 @@ def family_of(config: Any) -> Family:
   raise TypeError(f'config must be a BertConfig, LlamaConfig or GPT2Config, got {type(config).__name__}.')
 
 
+def _floating_dtype(params: Any) -> str | None:
+  """The one floating dtype name of `params`' leaves (`'bfloat16'`, ...), None if they mix several or have none."""
+  names = {jnp.dtype(leaf.dtype).name for leaf in jax.tree_util.tree_leaves(params) if hasattr(leaf, 'dtype')}
+  floating = {n for n in names if jnp.issubdtype(jnp.dtype(n), jnp.floating)}
+  return floating.pop() if len(floating) == 1 else None
+
+
 def save_pretrained(
   model_dir: str | os.PathLike,
   params: Mapping[str, Any],
@@ -93,13 +101,17 @@ def save_pretrained(
     model_dir: output directory (created if needed).
     params: flax params of the family's model.
     config: its config; the family follows from its class.
-    dtype: storage dtype name (`'float32'`, `'float16'`, `'bfloat16'`); None keeps the params'.
+    dtype: storage dtype name (`'float32'`, `'float16'`, `'bfloat16'`); None keeps the params' (bfloat16
+      params are stored as bfloat16, not widened), and config.json's `dtype` says which it is.
 
   A BERT config with `add_pooling_layer=False` writes no pooler; `BertModel.from_pretrained` then
   initialises a random one (and says so), so pass `add_pooling_layer=False` there too.
   """
   family = family_of(config)
   state_dict = family.flax_to_torch(params, config)
+  if dtype is None:
+    # `flax_to_torch` widens bfloat16 to float32 (numpy has no bfloat16): narrow it again on write.
+    dtype = _floating_dtype(params)
   os.makedirs(model_dir, exist_ok=True)
   hf = family.config_class.to_hf(config)
   if dtype is not None:

@@ -73,6 +73,7 @@ class BertConfig:
     hf_config.refuse(
       hf, 'position_embedding_type', (None, 'absolute'), 'only absolute learned positions are implemented'
     )
+    hf_config.refuse_pruned_heads(hf)
     hf_config.refuse(hf, 'is_decoder', (False,), 'this is the bidirectional BertModel encoder')
     hf_config.refuse(hf, 'add_cross_attention', (False,), 'cross-attention is not implemented')
     return cls(**{**hf_config.known_fields(cls, hf, 'bert'), **overrides})

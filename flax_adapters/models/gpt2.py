@@ -89,6 +89,7 @@ class GPT2Config:
   def from_hf(cls, config: Any, **overrides: Any) -> GPT2Config:
     """From an HF GPT-2 `config.json` dict (or `PretrainedConfig`); `overrides` replace fields."""
     hf = hf_config.as_dict(config, argument='config')
+    hf_config.refuse_pruned_heads(hf)
     hf_config.refuse(hf, 'add_cross_attention', (False,), 'encoder-decoder GPT-2 is not implemented')
     return cls(**{**hf_config.known_fields(cls, hf, 'gpt2'), **overrides})
 

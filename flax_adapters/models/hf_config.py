@@ -53,6 +53,17 @@ def refuse(hf: Mapping[str, Any], key: str, allowed: tuple, why: str) -> None:
     raise ValueError(f'config {key}={hf[key]!r} is not supported ({why}); expected one of {allowed}.')
 
 
+def refuse_pruned_heads(hf: Mapping[str, Any]) -> None:
+  """transformers 4's `prune_heads` left `pruned_heads` in config.json and narrower attention weights."""
+  refuse(
+    hf,
+    'pruned_heads',
+    ({}, None),
+    'a model with attention heads removed by prune_heads has narrower attention weights than its '
+    'config describes, and transformers 5 no longer builds such models; convert the unpruned checkpoint',
+  )
+
+
 def check_positive(config: Any, *names: str) -> None:
   for name in names:
     value = getattr(config, name)

@@ -96,7 +96,11 @@ class LlamaConfig:
     }[self.rope_type]
     for name in needed:
       if getattr(self, name) is None:
-        raise ValueError(f'rope_type={self.rope_type!r} needs LlamaConfig.{name}, which is None.')
+        raise ValueError(
+          f'rope_type={self.rope_type!r} needs LlamaConfig.{name}, which is None: config.json must give '
+          f'{_HF_ROPE_NAMES[name]!r} in its rope_parameters (or rope_scaling). Fix: add it (the model card gives '
+          'the value it was trained with).'
+        )
     hf_config.check_finite_positive(self, *needed)
     if self.rope_type == 'llama3':
       if self.rope_original_max_position_embeddings is None:
@@ -116,7 +120,8 @@ class LlamaConfig:
     RoPE is resolved as transformers 5 resolves it (`RotaryEmbeddingConfigMixin`): a non-empty
     `rope_scaling` (the 4.x spelling) wins over `rope_parameters`; the base is the chosen dict's
     `rope_theta`, else the top-level `rope_theta`, else 10000; the type is its `rope_type`, else the
-    legacy `type`; llama3's `original_max_position_embeddings` defaults to `max_position_embeddings`.
+    legacy `type`; llama3's `original_max_position_embeddings` is the top-level one if config.json has
+    it, else the dictionary's, else `max_position_embeddings`.
     """
     hf = hf_config.as_dict(config, argument='config')
     fields = hf_config.known_fields(cls, hf, 'llama')
@@ -133,12 +138,7 @@ class LlamaConfig:
     d = hf_config.hf_dict(self)
     theta = d.pop('rope_theta')
     scaling = {'rope_type': d.pop('rope_type')}
-    for ours, theirs in (
-      ('rope_factor', 'factor'),
-      ('rope_low_freq_factor', 'low_freq_factor'),
-      ('rope_high_freq_factor', 'high_freq_factor'),
-      ('rope_original_max_position_embeddings', 'original_max_position_embeddings'),
-    ):
+    for ours, theirs in _HF_ROPE_NAMES.items():
       value = d.pop(ours)
       if value is not None:
         scaling[theirs] = value
@@ -150,6 +150,15 @@ class LlamaConfig:
       'rope_scaling': None if scaling['rope_type'] == 'default' else scaling,
       'rope_parameters': {**scaling, 'rope_theta': theta},
     }
+
+
+# Our RoPE fields -> their keys in HF's rope_parameters / rope_scaling dictionaries.
+_HF_ROPE_NAMES = {
+  'rope_factor': 'factor',
+  'rope_low_freq_factor': 'low_freq_factor',
+  'rope_high_freq_factor': 'high_freq_factor',
+  'rope_original_max_position_embeddings': 'original_max_position_embeddings',
+}
 
 
 def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -170,14 +179,12 @@ def _rope_fields(hf: dict[str, Any]) -> dict[str, Any]:
     'rope_theta': 10000.0 if theta is None else theta,
     'rope_type': rope.get('rope_type', rope.get('type', 'default')),
   }
-  for ours, theirs in (
-    ('rope_factor', 'factor'),
-    ('rope_low_freq_factor', 'low_freq_factor'),
-    ('rope_high_freq_factor', 'high_freq_factor'),
-    ('rope_original_max_position_embeddings', 'original_max_position_embeddings'),
-  ):
+  for ours, theirs in _HF_ROPE_NAMES.items():
     if rope.get(theirs) is not None:
       fields[ours] = rope[theirs]
+  if fields['rope_type'] == 'llama3' and hf.get('original_max_position_embeddings') is not None:
+    # transformers 5 (`standardize_rope_params`) lets a top-level value win over the dictionary's.
+    fields['rope_original_max_position_embeddings'] = hf['original_max_position_embeddings']
   partial = rope.get('partial_rotary_factor', hf.get('partial_rotary_factor'))
   if partial is not None and partial != 1.0:
     raise ValueError(f'config partial_rotary_factor={partial!r} is not supported (LLaMA rotates all of head_dim).')
@@ -192,8 +199,12 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     [1.0, 0.009999999776482582]
   """
   dim = config.head_dim
-  inv_freq = 1.0 / (np.float32(config.rope_theta) ** (np.arange(0, dim, 2).astype(np.float32) / dim))
-  inv_freq = inv_freq.astype(np.float32)
+  # HF: `1 / base ** (arange(0, dim, 2).float() / dim)`, all float32. numpy's float32 power differs from
+  # torch's in about one entry in ten at head_dim 128 (a 2e-4 error in cos/sin at position 4096); the power
+  # taken in float64 and rounded once equals torch's on the Llama 2/3 configs (rarely, elsewhere, one ulp off).
+  exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+  power = (np.float64(np.float32(config.rope_theta)) ** exponent.astype(np.float64)).astype(np.float32)
+  inv_freq = (np.float32(1.0) / power).astype(np.float32)
   if config.rope_type == 'linear':
     inv_freq = inv_freq / np.float32(config.rope_factor)
   elif config.rope_type == 'llama3':

@@ -45,8 +45,11 @@ names the option and a way out; nothing in a file is ever dropped silently. Refu
 PEFT types other than LoRA and IA3, DoRA, `lora_bias`, `bias != 'none'`, `target_parameters`,
 layer replication, trainable tokens, activated LoRA, QALoRA, initialisations that rewrite the
 base (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA on embeddings, `modules_to_save` of an embedding
-tied to the LM head, and any option this module does not know. `lora_dropout` carries over: it acts in
-training only, when the adapted model's apply gets `rngs={'adapter_dropout': key}`.
+tied to the LM head, any option this module does not know, and the option combinations PEFT's own
+config classes refuse (`layers_to_transform` / `layers_pattern` with a regex `target_modules`,
+`layers_pattern` without `layers_to_transform`, IA3 `feedforward_modules` outside `target_modules`).
+`lora_dropout` carries over: it acts in training only, when the adapted model's apply gets
+`rngs={'adapter_dropout': key}`.
 
 Granularity: torch and flax modules correspond one to one in the BERT, LLaMA and GPT-2 families
 (GPT-2's `c_attn` is one fused Conv1D in torch and one Dense in flax), so no adapter ever has to be
@@ -237,6 +240,25 @@ class PeftSpec:
     index = int(match.group('idx'))
     return index == indexes if isinstance(indexes, int) else index in indexes
 
+  def deselection(self, name: str, kind: str | None = None) -> str:
+    """Which option keeps module `name` from being a target, in words (for error messages)."""
+    raw = self.raw
+    bare = {k: v for k, v in raw.items() if k not in ('exclude_modules', 'modules_to_save', 'layers_to_transform')}
+    if not PeftSpec(self.peft_type, bare).targets(name, kind):
+      return f'target_modules={raw.get("target_modules")!r} does not select module {name!r}'
+    with_layers = {**bare, 'layers_to_transform': raw.get('layers_to_transform')}
+    if not PeftSpec(self.peft_type, with_layers).targets(name, kind):
+      return (
+        f'layers_to_transform={raw.get("layers_to_transform")!r} (layers_pattern={raw.get("layers_pattern")!r}) '
+        f'leaves out module {name!r}'
+      )
+    if not PeftSpec(self.peft_type, {**raw, 'modules_to_save': None}).targets(name, kind):
+      return f'exclude_modules={raw.get("exclude_modules")!r} excludes module {name!r}'
+    return (
+      f'modules_to_save={raw.get("modules_to_save")!r} trains module {name!r} (or a module holding it) whole, '
+      'and PEFT never adapts such a module'
+    )
+
   def saves(self, name: str) -> bool:
     """Whether `modules_to_save` selects module `name` (PEFT's `_set_trainable`: plain endswith)."""
     return any(name.endswith(m) for m in self.raw.get('modules_to_save') or ())
@@ -346,7 +368,41 @@ def parse_peft_config(raw: Mapping[str, Any], *, source: str = CONFIG_FILE) -> P
   if not targets or not isinstance(targets, (str, list)):
     raise ValueError(f'{source} has target_modules={targets!r}; expected a regex string or a list of module names.')
   _check_patterns(raw, source)
+  _check_combinations(raw, peft_type, source)
   return PeftSpec(peft_type=peft_type, raw=dict(raw))
+
+
+def _check_combinations(raw: Mapping[str, Any], peft_type: str, source: str) -> None:
+  """Option combinations that PEFT's own config classes refuse (`LoraConfig` / `IA3Config.__post_init__`).
+
+  `PeftModel.from_pretrained` cannot load such a config, and reading it anyway would mean dropping
+  an option (layers_to_transform with a regex target_modules) or guessing what it meant.
+  """
+  targets = raw.get('target_modules')
+  if peft_type == 'LORA':
+    for field in ('layers_to_transform', 'layers_pattern'):
+      if isinstance(targets, str) and raw.get(field) is not None:
+        raise ValueError(
+          f'{source} sets {field}={raw[field]!r} with target_modules as a regex string ({targets!r}); PEFT applies '
+          f'{field} to a list of module names only and refuses this config (LoraConfig: "`{field}` cannot be '
+          'used when `target_modules` is a str"). Fix: select the layers inside the regex (e.g. '
+          r"'.*\.layers\.1\..*q_proj'), or give target_modules as a list of names."
+        )
+    if raw.get('layers_pattern') and raw.get('layers_to_transform') is None:
+      raise ValueError(
+        f'{source} sets layers_pattern={raw["layers_pattern"]!r} but layers_to_transform=None; PEFT refuses this '
+        'config (a layers_pattern only says where the index of layers_to_transform is). Fix: add '
+        'layers_to_transform (the layer indexes to adapt), or set layers_pattern to null.'
+      )
+  feedforward = raw.get('feedforward_modules')
+  if peft_type == 'IA3' and isinstance(feedforward, list) and isinstance(targets, list):
+    extra = sorted(set(feedforward) - set(targets))
+    if extra:
+      raise ValueError(
+        f'{source} has feedforward_modules entries {extra} that are not in target_modules={targets!r}; PEFT refuses '
+        'this config (IA3Config: "`feedforward_modules` should be a subset of `target_modules`"; the entries are '
+        'compared as strings). Fix: list each feedforward module in target_modules under the same name.'
+      )
 
 
 def _non_finite(value, where: str):
@@ -646,6 +702,16 @@ def import_peft(
     ValueError: an unsupported PEFT type or option, a key whose module the flax model lacks, a
       missing, unexpected or mis-shaped tensor (all listed together).
   """
+  if isinstance(model, AdaptedModel):
+    raise TypeError(
+      '`model` is an AdaptedModel, which already carries adapters; import_peft puts a PEFT adapter on a base '
+      'model. Pass the base model (adapted.base) and the base params, without adapter leaves.'
+    )
+  if not isinstance(params, Mapping):
+    raise TypeError(
+      f"`params` must be the base model's params (a dict of arrays, e.g. from conversion.load_pretrained), found "
+      f'{type(params).__name__}.'
+    )
   family, config = _resolve_family(family, config, model)
   spec = read_peft_config(adapter_dir)
   tensors = read_peft_weights(adapter_dir)
@@ -658,6 +724,8 @@ def import_peft(
   base_updates, saved_flax = _saved_values(mm, saved, saved_tensors, their_name, shapes, family, problems)
   rows = {m.torch_key: m for ms in mm.params.values() for m in ms}
   for torch_key, (file_key, array) in base_copies.items():
+    if mm.kind.get(torch_key.rsplit('.', 1)[0]) == 'tied' and torch_key.rsplit('.', 1)[0] in targeted:
+      continue  # a copy of a tied head's weight: the head is refused as a target (_adapter_values)
     m = rows.get(torch_key)
     want = shapes[m.flax_path].shape if m is not None else None
     if m is None or m.layout.flax_shape(array.shape) != tuple(want):
@@ -746,12 +814,19 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
   base_keys = {
     m.torch_key for module, ms in mm.params.items() for m in ms if mm.kind.get(module) == 'embedding' or module == head
   }
+  adapted_modules, unknown_modules = set(), set()
   for theirs, file_key in stripped.items():
     ours = to_ours(theirs)
     module, suffix = _split_key(ours)
+    if suffix in _LORA_SUFFIXES:
+      adapted_modules.add(module)
+      if module not in mm.kind:
+        unknown_modules.add(_split_key(theirs)[0])
     if suffix in _REFUSED_SUFFIXES:
       problems.add('unsupported', f'{file_key!r}: {_REFUSED_SUFFIXES[suffix]}. Fix: {_MERGE_FIX}.')
     elif suffix:
+      if mm.kind.get(module) == 'tied' and module in targeted:
+        continue  # reported once for the module (_adapter_values)
       if module not in mm.kind or mm.kind[module] == 'tied':
         tied = '; its head is tied to the input embedding' if mm.kind.get(module) == 'tied' else ''
         problems.add(
@@ -765,8 +840,7 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
       elif module not in targeted:
         problems.add(
           'unexpected key',
-          f"{file_key!r}: adapter_config.json's target_modules="
-          f'{spec.raw.get("target_modules")!r} does not select module {their_name(module) or module!r}, '
+          f"{file_key!r}: adapter_config.json's {spec.deselection(their_name(module) or module, mm.kind[module])}, "
           'so PEFT would not load this tensor. Fix: the config does not describe these weights.',
         )
       else:
@@ -795,6 +869,15 @@ def _sort_tensors(spec: PeftSpec, tensors, mm: ModuleMap, family: Family, proble
         f'{file_key!r} is neither a LoRA/IA3 tensor of a targeted module nor part of '
         f'a modules_to_save module (modules_to_save={spec.raw.get("modules_to_save")!r}).',
       )
+  if adapted_modules and len(unknown_modules) == len(adapted_modules):
+    # Not one adapted module exists here: the adapter was made for another architecture. Say so first.
+    problems.lines.insert(
+      0,
+      f'  - wrong model: none of the {len(adapted_modules)} modules the file adapts (e.g. '
+      f'{sorted(unknown_modules)[0]!r}) is a module of {family.hf_class_name} (family {family.name!r}); the adapter '
+      f'was made for another model (its config names base_model_name_or_path='
+      f'{spec.raw.get("base_model_name_or_path")!r}). Fix: import it onto a base model of that architecture.',
+    )
   return found, saved_tensors, saved, targeted, their_name, base_copies
 
 
@@ -810,7 +893,15 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, sites, probl
     kind = mm.kind[name]
     if kind not in ('linear', 'conv1d'):
       # PEFT refuses to adapt anything else, so a container it matched never holds tensors.
-      if name in found or kind != 'container':
+      if kind == 'tied':
+        problems.add(
+          'unsupported',
+          f'target_modules selects {theirs!r}, which the torch model ties to the input embedding: the flax '
+          'model computes the logits with the embedding matrix and has no separate head layer to adapt. Fix: '
+          f'untie the head in the base model (tie_word_embeddings=False, with a weight of its own), drop '
+          f'{theirs!r} from target_modules, or {_MERGE_FIX}.',
+        )
+      elif name in found or kind != 'container':
         what = {'embedding': 'an embedding', 'norm': 'a norm layer', 'container': 'a container of layers'}.get(
           kind, f'a {kind} layer'
         )
@@ -867,6 +958,8 @@ def _saved_values(mm: ModuleMap, saved, saved_tensors, their_name, shapes, famil
         'copy, which this flax model (one shared matrix) cannot hold. Fix: set tie_word_embeddings=False '
         'in the base model, or do not train that module.',
       )
+      for key in [k for k in saved_tensors if k.startswith(name + '.')]:
+        saved_tensors.pop(key)  # this module's tensors: refused above, not unexpected
       continue
     if name not in mm.flax:
       problems.add(
@@ -976,6 +1069,11 @@ def export_peft(
       f'`model` must be an AdaptedModel (from import_peft, adapt or prepare_for_transfer), found {type(model).__name__}.'
     )
   check_task_type(task_type)
+  if os.path.exists(adapter_dir) and not os.path.isdir(adapter_dir):
+    raise FileExistsError(
+      f'adapter_dir={os.fspath(adapter_dir)!r} is a file; export_peft writes a directory (adapter_config.json + '
+      f'{WEIGHTS_FILES[0]}). Name a directory.'
+    )
   family, config = _resolve_family(family, config, model.base)
   check_task_type(task_type, family)
   check_adapter_leaves(params, model)

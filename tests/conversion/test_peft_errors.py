@@ -379,3 +379,132 @@ def test_export_refuses_a_task_type_the_class_cannot_load(tmp_path, family, task
   with pytest.raises(ValueError, match=rf"`task_type`='{task_type}' cannot be loaded onto {fam.hf_class_name}"):
     export_peft(tmp_path / 'out', adapted, p, task_type=task_type)
   assert not (tmp_path / 'out').exists()
+
+
+# -- configs PEFT refuses, and errors that name what decides -----------------------------------
+
+
+@pytest.mark.parametrize(
+  'config_cls, raw, message',
+  [
+    (
+      peft.LoraConfig,
+      dict(peft_type='LORA', r=4, target_modules=r'.*q_proj', layers_to_transform=[1]),
+      r"sets layers_to_transform=\[1\] with target_modules as a regex string \('\.\*q_proj'\); PEFT applies "
+      r'layers_to_transform to a list of module names only and refuses this config .* Fix: select the layers '
+      r'inside the regex',
+    ),
+    (
+      peft.LoraConfig,
+      dict(peft_type='LORA', r=4, target_modules=r'.*q_proj', layers_pattern='layers'),
+      r"sets layers_pattern='layers' with target_modules as a regex string",
+    ),
+    (
+      peft.LoraConfig,
+      dict(peft_type='LORA', r=4, target_modules=['q_proj'], layers_pattern='layers'),
+      r"sets layers_pattern='layers' but layers_to_transform=None; PEFT refuses this config .* Fix: add "
+      r'layers_to_transform',
+    ),
+    (
+      peft.IA3Config,
+      dict(peft_type='IA3', target_modules=['k_proj', 'mlp.down_proj'], feedforward_modules=['down_proj']),
+      r"has feedforward_modules entries \['down_proj'\] that are not in target_modules=\['k_proj', "
+      r"'mlp\.down_proj'\]; PEFT refuses this config .* Fix: list each feedforward module in target_modules",
+    ),
+  ],
+  ids=['layers_to_transform_with_regex', 'layers_pattern_with_regex', 'layers_pattern_alone', 'ia3_ff_not_target'],
+)
+def test_configs_peft_itself_refuses_are_refused(config_cls, raw, message):
+  """PEFT cannot load these (its config's __post_init__ raises); import_peft read them, dropping
+  layers_to_transform / layers_pattern or reading feedforward_modules that PEFT never would."""
+  with pytest.raises(ValueError):
+    config_cls(**{k: v for k, v in raw.items() if k != 'peft_type'})
+  with pytest.raises(ValueError, match=message):
+    parse_peft_config(raw)
+
+
+@pytest.mark.parametrize(
+  'change, message',
+  [
+    (
+      {'exclude_modules': ['layers.1.self_attn.q_proj']},
+      r"exclude_modules=\['layers\.1\.self_attn\.q_proj'\] excludes module 'model\.layers\.1\.self_attn\.q_proj'",
+    ),
+    (
+      {'layers_to_transform': [0]},
+      r"layers_to_transform=\[0\] \(layers_pattern=None\) leaves out module 'model\.layers\.1\.self_attn\.q_proj'",
+    ),
+  ],
+  ids=['exclude_modules', 'layers_to_transform'],
+)
+def test_an_unloaded_tensor_names_the_option_that_leaves_its_module_out(llama_adapter, tmp_path, change, message):
+  """The message said "target_modules=['q_proj', 'v_proj'] does not select module ...q_proj", which it does."""
+  d = edited(llama_adapter[0], tmp_path / 'a', config=lambda c: {**c, **change})
+  with pytest.raises(ValueError) as info:
+    imported(llama_adapter, d)
+  assert re.search(
+    rf"unexpected key: 'base_model\.model\.model\.layers\.1\.self_attn\.q_proj\.lora_A\.weight': "
+    rf"adapter_config\.json's {message}, so PEFT would not load this tensor",
+    str(info.value),
+  ), str(info.value)
+  assert 'does not select' not in str(info.value)
+
+
+def test_import_peft_refuses_an_adapted_model_and_params_that_are_not_a_dict(llama_adapter):
+  directory, model, params = llama_adapter
+  adapted, p = import_peft(directory, model, params)
+  with pytest.raises(TypeError, match=r'`model` is an AdaptedModel, which already carries adapters.*adapted\.base'):
+    import_peft(directory, adapted, p)  # was: "`config` is required"
+  with pytest.raises(TypeError, match=r"`params` must be the base model's params .* found NoneType"):
+    import_peft(directory, model, None)  # was: AssertionError from flax
+
+
+def test_lora_on_a_tied_head_is_one_clear_refusal(tmp_path):
+  """GPT-2's lm_head shares wte: one line says so (there were four, one blaming the base model's config)."""
+  hf = tiny_gpt2(n_layer=1)
+  _, base = make_adapter(hf, peft.LoraConfig(r=4, target_modules=['lm_head', 'c_attn']), tmp_path / 'p')
+  config = GPT2.config_from_hf(hf.config.to_dict())
+  with pytest.raises(ValueError) as info:
+    import_peft(tmp_path / 'p', GPT2.flax_model(config), GPT2.torch_to_flax(base, config))
+  lines = str(info.value).splitlines()[1:]
+  assert len(lines) == 1, lines
+  assert re.fullmatch(
+    r"  - unsupported: target_modules selects 'lm_head', which the torch model ties to the input embedding: .* "
+    r"Fix: untie the head in the base model .*, drop 'lm_head' from target_modules, or merge the adapter in PyTorch.*",
+    lines[0],
+  )
+
+
+def test_a_tied_embedding_in_modules_to_save_is_not_also_an_unexpected_key(tmp_path):
+  hf = tiny_llama(tie_word_embeddings=True)
+  cfg = peft.LoraConfig(r=4, target_modules=['q_proj'], modules_to_save=['embed_tokens'])
+  _, base = make_adapter(hf, cfg, tmp_path / 'p')
+  config = LLAMA.config_from_hf(hf.config.to_dict())
+  with pytest.raises(ValueError) as info:
+    import_peft(tmp_path / 'p', LLAMA.flax_model(config), LLAMA.torch_to_flax(base, config))
+  lines = str(info.value).splitlines()[1:]
+  assert len(lines) == 1 and "modules_to_save selects 'model.embed_tokens', which the torch model ties" in lines[0]
+
+
+def test_an_adapter_of_another_architecture_says_so_first(llama_adapter, gpt2):
+  """A LLaMA adapter onto GPT-2 listed 'transformer.model.layers.0.self_attn.q_proj' (GPT-2's trunk prefix
+  guessed onto LLaMA names) as missing layers; the first line now says the model is the wrong one."""
+  model, params = gpt2
+  with pytest.raises(ValueError) as info:
+    import_peft(llama_adapter[0], model, params)
+  first = str(info.value).splitlines()[1]
+  assert re.fullmatch(
+    r"  - wrong model: none of the 4 modules the file adapts \(e\.g\. 'model\.layers\.0\.self_attn\.[qv]_proj'\) is "
+    r"a module of GPT2LMHeadModel \(family 'gpt2'\); the adapter was made for another model .* Fix: import it onto "
+    r'a base model of that architecture\.',
+    first,
+  ), first
+
+
+def test_export_to_a_path_that_is_a_file(gpt2, tmp_path):
+  model, params = gpt2
+  adapted, p = fa.adapt(model, params, {'c_attn': fa.LoRA(rank=2)}, IDS)
+  (tmp_path / 'out').write_text('not a directory')
+  with pytest.raises(FileExistsError, match=r"adapter_dir='.*/out' is a file; export_peft writes a directory"):
+    export_peft(tmp_path / 'out', adapted, p)
+  assert (tmp_path / 'out').read_text() == 'not a directory'

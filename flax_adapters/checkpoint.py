@@ -283,6 +283,7 @@ def save_adapters(directory: str | os.PathLike, model: AdaptedModel, params, *, 
     raise TypeError(f'`model` must be the AdaptedModel the params belong to, found {type(model).__name__}.')
   if not isinstance(overwrite, bool):
     raise TypeError(f'`overwrite` must be True or False, found {overwrite!r}.')
+  _refuse_merged(model, 'be saved (a restore would run without them)')
   directory = os.path.abspath(os.fspath(directory))
   if not atomic.multiprocess():  # fail before any work (process 0 decides again under the lock)
     refusal = _refusal(directory, overwrite)
@@ -310,6 +311,17 @@ def save_adapters(directory: str | os.PathLike, model: AdaptedModel, params, *, 
 
   atomic.commit(directory, overwrite, write, _refusal, lambda path: _not_a_checkpoint(path) is None)
   return directory
+
+
+def _refuse_merged(model: AdaptedModel, action: str) -> None:
+  """A model from `merge_adapters` carries some adapters in its kernels, which no adapter checkpoint holds."""
+  if model.folded:
+    shown = ', '.join(model.folded[:4]) + (' ...' if len(model.folded) > 4 else '')
+    raise ValueError(
+      f'`model` comes from merge_adapters: it folded {len(model.folded)} adapters ({shown}) into the kernels, '
+      f'which an adapter checkpoint does not hold, so it cannot {action}. Use the unmerged model and params '
+      '(from prepare_for_transfer, adapt, load_adapters or restore_transfer) and merge after loading.'
+    )
 
 
 def _damaged(directory: str, what: str, error: BaseException) -> ValueError:
@@ -377,6 +389,7 @@ def load_adapters(directory: str | os.PathLike, model: AdaptedModel, params):
   """
   if not isinstance(model, AdaptedModel):
     raise TypeError(f'`model` must be an AdaptedModel prepared with the saved config, found {type(model).__name__}.')
+  _refuse_merged(model, 'load an adapter checkpoint (its plan lacks the folded adapters)')
   directory = os.path.abspath(os.fspath(directory))
   meta = read_meta(directory)
   check_adapter_leaves(params, model)  # base params passed by mistake: say so, do not blame the checkpoint

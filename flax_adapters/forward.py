@@ -91,6 +91,9 @@ class AdaptedModel:
   plan: tuple[SitePlan, ...]
   trainable: Trainable = Trainable()
   config: Any = None
+  # What `merge_adapters` folded into the kernels ('dotted.path: method'): those adapters now live in the
+  # params' kernels, so this model's plan no longer matches its config (adapter checkpoints refuse it).
+  folded: tuple[str, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, '_by_path', {p.site.path: p for p in self.plan})

@@ -72,15 +72,16 @@ def merge_adapters(model: AdaptedModel, params):
   if not isinstance(model, AdaptedModel):
     raise TypeError(f'`model` must be an AdaptedModel, found {type(model).__name__}.')
   check_adapter_leaves(params, model)
-  plan = []
+  plan, folded = [], []
   for entry in model.plan:
     module_params, remaining = _fold_site(entry, get_subtree(params, entry.site.path))
     params = set_subtree(params, entry.site.path, module_params)
+    folded += [f'{paths_lib.dotted(entry.site.path)}: {m.name}' for m in entry.methods if m not in remaining]
     if remaining:
       plan.append(SitePlan(site=entry.site, methods=remaining, stack=entry.stack))
   if not plan and model.base is not None:
     return model.base, params
-  return model.replace(plan=tuple(plan)), params
+  return model.replace(plan=tuple(plan), folded=model.folded + tuple(folded)), params
 
 
 def materialize(params, model: AdaptedModel):

@@ -10,6 +10,8 @@ params. Everything else is JAX's own SPMD machinery (`jax.jit` with shardings ov
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import jax
 import numpy as np
 import optax
@@ -17,7 +19,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_adapters import paths as paths_lib
-from flax_adapters.forward import AdaptedModel
+from flax_adapters.forward import AdaptedModel, check_adapter_leaves
 from flax_adapters.methods import LEAF_NAMES
 
 P = PartitionSpec
@@ -55,6 +57,7 @@ def partition_specs(model: AdaptedModel, params, base_specs) -> dict:
     >>> specs['lora_a'], specs['lora_b']
     (P(None, None), P(None, 'model'))
   """
+  check_adapter_leaves(params, model)  # base params, or a half of partition: say so before reading shapes
   flat = traverse_util.flatten_dict(params)
   if callable(base_specs):
     base = {k: _as_spec(base_specs(k, v)) for k, v in flat.items() if k[-1] not in LEAF_NAMES}
@@ -96,8 +99,31 @@ def named_shardings(mesh: Mesh, specs):
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, PartitionSpec))
 
 
+def _check_specs_cover(params, specs, caller: str) -> None:
+  """`specs` has a spec for every leaf of `params` and no other (a spec tree of the base params would
+  leave the adapter leaves, and their optimizer state, replicated without a word)."""
+  if not isinstance(params, Mapping) or not isinstance(specs, Mapping):
+    return
+  keys = lambda tree, keep: {tuple(map(str, k)) for k, v in traverse_util.flatten_dict(tree).items() if keep(v)}
+  have = keys(params, lambda v: v is not None)  # a half of partition: its holes need no spec
+  given = keys(specs, lambda v: True)
+  missing, extra = sorted(have - given), sorted(given - keys(params, lambda v: True))
+  if missing or extra:
+    show = lambda ks: ', '.join(paths_lib.raw(k) for k in ks[:4]) + (' ...' if len(ks) > 4 else '')
+    found = '; '.join(
+      ([f'no spec for {show(missing)}'] if missing else [])
+      + ([f'a spec for {show(extra)}, not in `params`'] if extra else [])
+    )
+    raise ValueError(
+      f'{caller}: `specs` must hold a PartitionSpec for every leaf of `params` and no other; found {found}. '
+      'Specs of the base params leave out the adapter leaves: pass specs = fa.partition_specs(model, params, '
+      'base_specs) for these params.'
+    )
+
+
 def shard_params(params, mesh: Mesh, specs):
   """Place `params` on `mesh` according to `specs` (from `partition_specs`)."""
+  _check_specs_cover(params, specs, 'shard_params')
   return jax.device_put(params, named_shardings(mesh, specs))
 
 
@@ -108,17 +134,18 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, mesh: Mesh, sp
   leaf is matched to a param by the param's key path, which it ends with, and by shape. Use as
   `jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh, specs))(params)`.
   """
+  _check_specs_cover(params, specs, 'optimizer_shardings')
   state = jax.eval_shape(tx.init, params)
   # Keys as strings on both sides: state paths below are stringified, and NNX lists give int keys.
   shardings = {tuple(map(str, k)): v for k, v in traverse_util.flatten_dict(named_shardings(mesh, specs)).items()}
-  shapes = {tuple(map(str, k)): jax.numpy.shape(v) for k, v in traverse_util.flatten_dict(params).items()}
+  shapes = {tuple(map(str, k)): np.shape(v) for k, v in traverse_util.flatten_dict(params).items() if v is not None}
   replicated = NamedSharding(mesh, P())
 
   def follow(path, leaf):
     keys = tuple(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', '')))) for k in path)
     for start in range(len(keys)):
       key = keys[start:]
-      if key in shardings and shapes[key] == leaf.shape:
+      if key in shardings and shapes.get(key) == leaf.shape:
         return shardings[key]
     return replicated
 

@@ -156,6 +156,9 @@ def labels(mask):
 def transfer_optimizer(tx: optax.GradientTransformation, mask) -> optax.GradientTransformation:
   """`tx` on the trainable leaves; frozen leaves get zero updates and no optimizer state.
 
+  `mask` is a bool tree like the params (`trainable_mask(model, params)`), or, as in optax, a
+  function of the params that returns one.
+
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> params = {'w': jnp.ones(3), 'frozen': jnp.ones(1000)}
@@ -164,6 +167,16 @@ def transfer_optimizer(tx: optax.GradientTransformation, mask) -> optax.Gradient
     >>> sum(x.size for x in jax.tree.leaves(state))  # adam's mu and nu for 'w', plus its count
     7
   """
+  if callable(mask):  # optax's convention: a function of the params that returns the mask
+
+    def param_labels(params):
+      m = mask(params)
+      if callable(m):
+        raise TypeError(f'the `mask` function returned another function, {m!r}; it must return the bool tree.')
+      _check_bools(m)
+      return labels(m)
+
+    return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, param_labels)
   _check_bools(mask)
   return optax.multi_transform({TRAINABLE: tx, FROZEN: optax.set_to_zero()}, labels(mask))
 
@@ -228,6 +241,9 @@ def make_train_step(
       raise TypeError(f'`{name}` must be a bool, found {flag!r}.')
 
   def step(trainable, opt_state, frozen, *batch):
+    _check_halves(trainable, frozen)
+    _check_opt_state(tx, opt_state, trainable)
+
     def loss_of(t):
       return loss_fn(combine(t, frozen), *batch)
 
@@ -242,3 +258,36 @@ def make_train_step(
   if not jit:
     return step
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def _check_halves(trainable, frozen) -> None:
+  """`trainable` and `frozen` are the two halves of one `partition`: no leaf is in both (the frozen one
+  would be ignored, and the leaf would train)."""
+  is_none = lambda x: x is None
+  if jax.tree.structure(trainable, is_leaf=is_none) != jax.tree.structure(frozen, is_leaf=is_none):
+    return  # combine names the difference
+  both = [
+    jax.tree_util.keystr(path)
+    for (path, t), f in zip(
+      jax.tree_util.tree_leaves_with_path(trainable, is_leaf=is_none), jax.tree.leaves(frozen, is_leaf=is_none)
+    )
+    if t is not None and f is not None
+  ]
+  if both:
+    raise ValueError(
+      f'`trainable` and `frozen` both hold a leaf at {", ".join(both[:4])}{" ..." if len(both) > 4 else ""}, '
+      'so the frozen one would be ignored and the leaf would train. Pass the two halves of '
+      'fa.partition(params, fa.trainable_mask(model, params)): step(trainable, opt_state, frozen, *batch).'
+    )
+
+
+def _check_opt_state(tx, opt_state, trainable) -> None:
+  """`opt_state` is `tx.init(trainable)`'s structure (not the state of the whole params tree)."""
+  want = jax.tree.structure(jax.eval_shape(tx.init, trainable))
+  got = jax.tree.structure(opt_state)
+  if want != got:
+    raise ValueError(
+      '`opt_state` does not have the structure of tx.init(trainable): it was initialised on another '
+      'tree (the whole params, or another optimizer). Initialise it on the trainable half: '
+      f'opt_state = tx.init(trainable). Expected {str(want)[:200]}; found {str(got)[:200]}.'
+    )

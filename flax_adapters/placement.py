@@ -76,12 +76,39 @@ def stack_shape(path: Path, sites: Mapping[Path, Site], params) -> tuple[int, ..
   return ()
 
 
+def _checked_init(method: Method, key, site: Site, dtype):
+  """`method.init`, refused with the method, hook and fix when it does not give the leaves `shapes` promises."""
+  leaves = method.init(key, site, dtype)
+  where = f'{type(method).__name__}.init (method {method.name!r}) on {site.describe()}'
+  if not isinstance(leaves, Mapping) or set(leaves) != set(method.leaf_names):
+    got = sorted(leaves) if isinstance(leaves, Mapping) else type(leaves).__name__
+    raise AdapterError(
+      f'{where} returned {got}, but the method declares leaf_names {method.leaf_names}; return a dict with '
+      'exactly those keys.'
+    )
+  want = method.shapes(site)
+  for leaf in method.leaf_names:
+    value = leaves[leaf]
+    shape, leaf_dtype = getattr(value, 'shape', None), getattr(value, 'dtype', None)
+    if shape is None or tuple(shape) != tuple(want[leaf]):
+      raise AdapterError(
+        f'{where} returned {leaf!r} of shape {None if shape is None else tuple(shape)}, but {type(method).__name__}.'
+        f'shapes says {tuple(want[leaf])}; make init create exactly the shapes that `shapes(site)` returns.'
+      )
+    if leaf_dtype is None or not jnp.issubdtype(leaf_dtype, jnp.inexact):
+      raise AdapterError(
+        f'{where} returned {leaf!r} of dtype {leaf_dtype}; adapter leaves train, so create them with the '
+        f'`dtype` init is given ({jnp.dtype(dtype)}).'
+      )
+  return {leaf: jnp.asarray(leaves[leaf]) for leaf in method.leaf_names}
+
+
 def _init_stacked(method: Method, key, site: Site, dtype, stack: tuple[int, ...]):
   """Init the leaves once per stacked layer, each from its own key."""
   if not stack:
-    return method.init(key, site, dtype)
+    return _checked_init(method, key, site, dtype)
   n = int(np.prod(stack))
-  leaves = jax.vmap(lambda k: method.init(k, site, dtype))(jax.random.split(key, n))
+  leaves = jax.vmap(lambda k: _checked_init(method, k, site, dtype))(jax.random.split(key, n))
   return {k: v.reshape(stack + v.shape[1:]) for k, v in leaves.items()}
 
 
@@ -140,6 +167,11 @@ def trainable_parts(
   return Trainable(heads=head_paths, norms=norms, others=rules_lib.topmost(others))
 
 
+def _describe_rng(method: Method) -> str:
+  dropout = getattr(method, 'dropout', None)
+  return f'{method.name}(dropout={dropout})' if dropout is not None else f'{method.name} (needs_rng)'
+
+
 def adapt_traced(
   model,
   trace: Trace,
@@ -164,11 +196,17 @@ def adapt_traced(
         'forward to wrap; adapt a linen model with prepare_for_transfer / adapt, or use weight-space methods.'
       )
     # Dropout acts on a layer's input, which folded weights (materialize) never see.
-    dropped = sorted({f'{m.name}(dropout={m.dropout})' for r in rules for m in r.methods if getattr(m, 'dropout', 0)})
+    dropped = sorted({_describe_rng(m) for r in rules for m in r.methods if m.needs_rng})
     if dropped:
       raise ValueError(
         f'{dropped}: adapter dropout needs the factored forward of a linen model, but a bare params tree is '
         'used through materialize (folded weights, no inputs to drop). Set the dropout to 0 (lora_dropout=0.0).'
+      )
+    unfoldable = sorted({type(m).__name__ for r in rules for m in r.methods if type(m).fold is Method.fold})
+    if unfoldable:
+      raise ValueError(
+        f'{unfoldable} define no `fold`, and a bare params tree runs only through materialize (folded weights), '
+        'so they could never act; define fold(site, leaves, module_params), or adapt a linen model instead.'
       )
   placement = rules_lib.place(trace.sites, rules)
   rng = jax.random.key(0) if rng is None else rng

@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 
 from flax_adapters import paths as paths_lib
-from flax_adapters.methods import AdapterError, Method, sort_methods
+from flax_adapters.methods import REGISTRY, AdapterError, Method, sort_methods
 from flax_adapters.paths import check_target
 from flax_adapters.tracing import Site
 
@@ -134,6 +134,25 @@ def topmost(paths) -> tuple[Path, ...]:
   return tuple(_topmost(list(paths)))
 
 
+def _refuse_unregistered(rules: Sequence[Rule]) -> None:
+  """Adapter leaves are recognised, restored and merged through the registry: an unregistered method's would not be."""
+  for rule in rules:
+    for method in rule.methods:
+      cls = type(method)
+      if REGISTRY.get(method.name) is not cls:
+        other = REGISTRY.get(method.name)
+        why = (
+          f'the name {method.name!r} is registered to {other.__name__}, not {cls.__name__}'
+          if other is not None
+          else 'it is not registered'
+        )
+        raise ValueError(
+          f'`{rule.name}` places {cls.__name__} (method {method.name!r}), but {why}: its leaves would not be '
+          'recognised as adapter leaves (trainable, saved, merged). Register the class first: decorate it with '
+          '@fa.register_method (or call fa.register_method(cls)).'
+        )
+
+
 def place(sites: Mapping[Path, Site], rules: Sequence[Rule]) -> dict[Path, tuple[Method, ...]]:
   """Which methods go on which module (in forward order), every placement checked.
 
@@ -144,6 +163,7 @@ def place(sites: Mapping[Path, Site], rules: Sequence[Rule]) -> dict[Path, tuple
   its rule matches (the method says why), or when two entries of one `TransferConfig` target list
   put one method twice on one module.
   """
+  _refuse_unregistered(rules)
   unmatched = [r for r in rules if not any(paths_lib.matches(r.target, p) for p in sites)]
   if unmatched:
     raise ValueError(' '.join(_no_match(r.target, r.name, sites) for r in unmatched) + _HOW_TARGETS_MATCH)

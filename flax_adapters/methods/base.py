@@ -21,8 +21,8 @@ declares everything the pipeline needs, so nothing outside `methods/` names a me
 `check(site)` raises a clear error when it cannot adapt a module. Register a new method with
 `flax_adapters.register_method` (see `methods/__init__.py`).
 
-Folding order differs from forward order: additive deltas fold first, then input scales (which
-also scale the delta), then output scales.
+Folding order differs from forward order: additive deltas fold first, then input transforms (which
+also act on the delta; innermost first, i.e. in reverse forward order), then output transforms.
 """
 
 from __future__ import annotations
@@ -100,15 +100,38 @@ class Method:
     raise NotImplementedError
 
   def layout(self, site: Site) -> dict[str, str]:
-    """Each leaf's axes as letters: kernel letters share the kernel's sharding; others replicate."""
-    raise NotImplementedError
+    """Each leaf's axes as letters: kernel letters share the kernel's sharding; others replicate.
+
+    By default every leaf is replicated (`'_'` is no kernel letter); define it to shard large leaves.
+    """
+    return {leaf: '_' * len(shape) for leaf, shape in self.checked_shapes(site).items()}
 
   def count(self, site: Site) -> int:
     return int(sum(math.prod(s) for s in self.shapes(site).values()))
 
+  def checked_shapes(self, site: Site) -> dict[str, tuple[int, ...]]:
+    """`shapes(site)`, refused with the fix unless it maps exactly `leaf_names` to tuples of sizes."""
+    shapes = self.shapes(site)
+    where = f'{type(self).__name__}.shapes (method {self.name!r}) on {site.describe()}'
+    if not isinstance(shapes, Mapping) or set(shapes) != set(self.leaf_names):
+      got = sorted(shapes) if isinstance(shapes, Mapping) else type(shapes).__name__
+      raise TypeError(f'{where} returned {got}; it must return a dict with one shape per leaf of {self.leaf_names}.')
+    out = {}
+    for leaf, shape in shapes.items():
+      ok = isinstance(shape, (tuple, list)) and all(
+        isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 0 for n in shape
+      )
+      if not ok:
+        raise TypeError(
+          f'{where} gives {leaf!r} the shape {shape!r}; a shape is a tuple of sizes, e.g. (16,) not 16 '
+          '(site.size(letters) returns one).'
+        )
+      out[leaf] = tuple(int(n) for n in shape)
+    return out
+
   def check_size(self, site: Site) -> None:
-    """Refuse leaves too large to allocate, before anything is allocated."""
-    for leaf, shape in self.shapes(site).items():
+    """Refuse leaves too large to allocate (and malformed `shapes`), before anything is allocated."""
+    for leaf, shape in self.checked_shapes(site).items():
       if math.prod(shape) > MAX_LEAF_ELEMENTS:
         raise AdapterError(
           f'{self.name} on {site.describe()} would create {leaf} of shape {tuple(shape)} '
@@ -144,6 +167,11 @@ class Method:
     """Why `fold` returns None for `site`, for error messages."""
     if not self.weight_space:
       return f'{self.name} is not a weight-space adapter (it transforms the module output)'
+    if type(self).fold is Method.fold:
+      return (
+        f'{type(self).__name__} ({self.name}) defines no `fold`, so it cannot be folded into the weights; define '
+        '`fold(site, leaves, module_params)` returning the params with it folded in'
+      )
     return (
       f'{site.describe()} recomputes its kernel on every call (e.g. weight standardization), so a folded '
       f'{self.name} delta would be undone'

@@ -8,6 +8,8 @@ trunk with other heads.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -61,8 +63,25 @@ def model_heads(model) -> dict[str, dict] | None:
   return {k: dict(v) for k, v in head_items(heads, what=f'{type(model).__name__}.heads')}
 
 
+def _unknown_heads(field: str, names, current) -> str | None:
+  unknown = [h for h in names if h not in current]
+  if not unknown:
+    return None
+  near = {h: difflib.get_close_matches(str(h), list(current), n=1) for h in unknown}
+  hint = '; '.join(f'{h!r} -> {m[0]!r}' for h, m in near.items() if m)
+  return (
+    f'`{field}` names head(s) {unknown} that the model does not have; its heads are {list(current)}. '
+    f'Fix: name existing heads in `{field}`' + (f' (did you mean {hint}?)' if hint else '') + '.'
+  )
+
+
 def swap_heads(model: nn.Module, *, remove=(), keep=None, new=None) -> tuple[nn.Module, list[str], list[str]]:
-  """The model with heads removed / kept / added, the names of the heads kept, and of the new ones."""
+  """The model with heads removed / kept / added, the names of the heads kept, and of the new ones.
+
+  If the model has a field `fresh_heads`, it is set to the names of the new heads, so that state the
+  model keeps outside `params` (AlphaGenome's track means) is made fresh for a new head that replaces a
+  removed head of the same name, rather than taken from the removed one.
+  """
   new = dict(new or {})
   current = model_heads(model)
   if current is None:
@@ -71,22 +90,33 @@ def swap_heads(model: nn.Module, *, remove=(), keep=None, new=None) -> tuple[nn.
       f'{type(model).__name__} has none. Follow the heads protocol (see flax_adapters.heads), or '
       'train your own output layer with `modules_to_save`.'
     )
-  named = list(remove) + list(keep or ())
-  unknown = [h for h in named if h not in current]
-  if unknown:
-    raise ValueError(
-      f'head(s) {unknown} named in `remove_heads`/`keep_heads` do not exist; the model has heads {list(current)}.'
-    )
+  errors = [
+    e for e in (_unknown_heads('remove_heads', remove, current), _unknown_heads('keep_heads', keep or (), current)) if e
+  ]
+  if errors:
+    raise ValueError(' '.join(errors))
   kept = [h for h in current if h in keep] if keep is not None else [h for h in current if h not in remove]
   clash = [h for h in new if h in kept]
   if clash:
-    raise ValueError(
-      f'`new_heads` {clash} already exist in the model; remove them first (remove_heads={clash}) or choose new names.'
+    fix = (
+      'drop them from `keep_heads` to replace them' if keep is not None else f'remove them first (remove_heads={clash})'
     )
+    raise ValueError(f'`new_heads` {clash} already exist in the model and are kept; {fix}, or choose new names.')
   specs = {h: current[h] for h in kept}
   specs.update(new)
   heads = specs if isinstance(model.heads, Mapping) else tuple((k, dict(v)) for k, v in specs.items())
-  return model.clone(heads=heads), kept, list(new)
+  changes = {'heads': heads}
+  if 'fresh_heads' in {f.name for f in dataclasses.fields(model)}:
+    changes['fresh_heads'] = tuple(new)
+  try:
+    swapped = model.clone(**changes)
+  except (TypeError, ValueError) as e:
+    if not new:
+      raise
+    raise (ValueError if isinstance(e, ValueError) else TypeError)(
+      f'`new_heads` {list(new)}: {type(model).__name__} refuses these head specs: {e}'
+    ) from e
+  return swapped, kept, list(new)
 
 
 def _concrete(args):

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
+from flax_adapters import rules as rules_lib
 from flax_adapters.config import TransferConfig
 from flax_adapters.forward import AdaptedModel
 from flax_adapters.heads import model_heads, transplant
@@ -31,6 +32,14 @@ def _config_kwargs(config: TransferConfig) -> dict[str, Any]:
     train_everything=config.trains_everything,
     config=config,
   )
+
+
+def _check_modules_to_save(config: TransferConfig, sites) -> None:
+  """`mode='full'` trains every module, so `modules_to_save` places nothing; its targets must still match
+  (a typo is an error in every mode, so one config serves a sweep over modes)."""
+  if config.trains_everything:
+    for target in config.modules_to_save:
+      rules_lib.select(sites, target, 'modules_to_save')
 
 
 def _refuse_nothing_to_train(model: AdaptedModel, base, config: TransferConfig) -> None:
@@ -104,6 +113,7 @@ def prepare_for_transfer(
     )
     trace = trace_model(model, *example_args, kinds=kinds, **example_kwargs)
     check_params_fit(params, trace.params, argument='params after head surgery')
+  _check_modules_to_save(config, trace.sites)
   adapted, params = adapt_traced(model, trace, params, config.rules(), rng=adapter_rng, **_config_kwargs(config))
   _refuse_nothing_to_train(adapted, base, config)
   return adapted, params
@@ -131,6 +141,7 @@ def prepare_params(params, config: TransferConfig, *, rng=None, kinds=None) -> t
   if config.has_head_surgery:
     raise ValueError('head surgery needs a linen model with a `heads` field; use prepare_for_transfer.')
   trace = trace_params(params, kinds)
+  _check_modules_to_save(config, trace.sites)
   adapted, params = adapt_traced(None, trace, params, config.rules(), rng=rng, **_config_kwargs(config))
   _refuse_nothing_to_train(adapted, None, config)
   return adapted, params

@@ -146,7 +146,7 @@ def test_adapted_params_with_the_base_model_are_refused(setup):
 def test_head_surgery_errors(setup):
   with pytest.raises(
     ValueError,
-    match=r"head\(s\) \['chip'\] named in `remove_heads`/`keep_heads` do not exist; the model has heads \['atac', 'dnase'\]",
+    match=r"`remove_heads` names head\(s\) \['chip'\] that the model does not have; its heads are \['atac', 'dnase'\]",
   ):
     prepare(setup, mode='linear', remove_heads=['chip'])
   with pytest.raises(ValueError, match=r"`new_heads` \['atac'\] already exist"):

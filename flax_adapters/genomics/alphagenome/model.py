@@ -118,6 +118,9 @@ class AlphaGenome(nn.Module):
       pretrained heads of `config`. `model.clone(heads=...)` swaps them (the heads protocol).
     dtype: computation dtype of the convs and dense layers (None: float32 from the params).
     param_dtype: parameter dtype.
+    fresh_heads: names of heads that head surgery initialised (set by `prepare_for_transfer`):
+      `buffers_for` gives them fresh buffers even where the given buffers hold a head of that name
+      (one a new head replaces).
 
   `__call__(dna, organism_index=None, *, splice_site_positions=None, return_scaled_predictions=False,
   output_heads=None)`: `length` is a multiple of `config.min_length` (2048 bp at real width);
@@ -132,6 +135,7 @@ class AlphaGenome(nn.Module):
   heads: Any = None
   dtype: Any = None
   param_dtype: Any = jnp.float32
+  fresh_heads: tuple[str, ...] = ()
 
   def __post_init__(self):
     if not isinstance(self.config, AlphaGenomeConfig):
@@ -245,6 +249,9 @@ class AlphaGenome(nn.Module):
   def buffers_for(self, buffers) -> dict:
     """`buffers` fitted to this model's heads: kept heads keep theirs, new heads get track means of ones.
 
+    A new head that replaces a removed head of the same name (`fresh_heads`) gets ones too, never the
+    removed head's track means.
+
     After head surgery (`prepare_for_transfer` with `new_heads`/`remove_heads`), pass the pretrained
     buffers through the adapted model's base: `adapted.base.buffers_for(buffers)`.
     """
@@ -252,7 +259,7 @@ class AlphaGenome(nn.Module):
     given = traverse_util.flatten_dict(buffers.get(BUFFERS, buffers) if BUFFERS in buffers else buffers)
     out = {}
     for path, want in traverse_util.flatten_dict(shapes).items():
-      have = given.get(path)
+      have = None if path[0] == 'heads' and path[1] in self.fresh_heads else given.get(path)
       if have is None:
         if path[0] != 'heads':
           raise ValueError(

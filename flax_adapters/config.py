@@ -40,6 +40,12 @@ def _as_tuple(value: Any, name: str) -> tuple:
   return tuple(value)
 
 
+def _refuse_repeats(names: tuple, field: str) -> None:
+  repeated = sorted({n for n in names if names.count(n) > 1}, key=str)
+  if repeated:
+    raise ValueError(f'`{field}` lists {repeated} more than once: {list(names)}. List each head once.')
+
+
 def _check_targets(targets: tuple, name: str) -> None:
   for t in targets:
     check_target(t, name)
@@ -225,9 +231,11 @@ class TransferConfig:
 
   def _normalise_heads(self) -> None:
     remove = _as_tuple(self.remove_heads, 'remove_heads')
+    _refuse_repeats(remove, 'remove_heads')
     object.__setattr__(self, 'remove_heads', remove)
     if self.keep_heads is not None:
       keep = _as_tuple(self.keep_heads, 'keep_heads')
+      _refuse_repeats(keep, 'keep_heads')
       object.__setattr__(self, 'keep_heads', keep)
       both = set(keep) & set(remove)
       if both:

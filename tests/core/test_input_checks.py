@@ -170,3 +170,11 @@ def test_make_train_step_arguments():
   t, _, value = step({'w': jnp.ones(2)}, optax.sgd(0.5).init({'w': jnp.ones(2)}), {'w': None}, jnp.array([1.0, 2.0]))
   np.testing.assert_allclose(t['w'], [0.5, 0.0], atol=0)
   assert float(value) == 3.0
+
+
+@pytest.mark.parametrize('field', ['remove_heads', 'keep_heads'])
+def test_a_head_listed_twice_is_refused(field):
+  # Repeated targets are refused; repeated head names were accepted silently.
+  with pytest.raises(ValueError, match=rf"`{field}` lists \['atac'\] more than once: \['atac', 'dnase', 'atac'\]"):
+    fa.TransferConfig(mode='linear', **{field: ['atac', 'dnase', 'atac']})
+  assert getattr(fa.TransferConfig(mode='linear', **{field: ['atac', 'dnase']}), field) == ('atac', 'dnase')

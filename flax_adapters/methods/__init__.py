@@ -23,8 +23,12 @@ from flax_adapters.methods.lora import LoRA
 from flax_adapters.tracing import KINDS
 
 REGISTRY: dict[str, type[Method]] = {}
-# Leaf names a base model may have; an adapter leaf must not shadow one.
-_RESERVED = frozenset({'kernel', 'bias', 'scale', 'embedding'})
+# Leaf names a base model may have (flax/NNX layers, Haiku's w/b/offset, norm running statistics as
+# training.NORM_STATISTICS lists them); an adapter leaf must not shadow one.
+_RESERVED = frozenset(
+  {'kernel', 'bias', 'scale', 'embedding', 'w', 'b', 'offset'}
+  | {'mean', 'var', 'running_mean', 'running_var', 'num_batches_tracked'}
+)
 # TransferConfig's modes that are not methods.
 _BASE_MODES = ('linear', 'full')
 # param_summary's rows that are not methods (summary.BASE_GROUPS) and its last row.

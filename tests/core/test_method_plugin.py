@@ -87,6 +87,19 @@ def test_registration_refuses_clashes():
     )
   with pytest.raises(TypeError, match='takes a subclass of flax_adapters.Method'):
     fa.register_method(object)
+  # Base leaf names of other front ends (Haiku's w/b, NNX BatchNorm's statistics) are taken too: an
+  # adapter leaf of that name would be read as a base param.
+  for taken in ('w', 'mean'):
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Shadow(OutputBias):
+      name = 'shadow'
+      leaf_names = (taken,)
+
+    with pytest.raises(
+      ValueError, match=rf"Shadow.leaf_names \['{taken}'\] are already used by \{{'{taken}': 'base layers'\}}"
+    ):
+      fa.register_method(Shadow)
 
 
 def test_placed_by_a_rule_and_by_a_config_mode():

@@ -925,7 +925,9 @@ def _adapter_values(spec: PeftSpec, mm: ModuleMap, targeted, found, sites, probl
         problems.add(
           'missing key',
           f'{PREFIX + theirs + "." + suffix!r} (shape {_shape(shape)}) is not in the file, '
-          f'but target_modules selects {theirs!r}. Fix: the adapter_config.json does not describe these weights.',
+          f'but target_modules selects {theirs!r} in this model. Fix: import it onto the base model it was made '
+          f'for (base_model_name_or_path={spec.raw.get("base_model_name_or_path")!r}; a model with more layers or '
+          'other modules than that one has modules the file has no weights for), or the file is incomplete.',
         )
         ok = False
       elif tuple(have[suffix][1].shape) != tuple(shape):

@@ -94,7 +94,8 @@ def test_missing_key(llama_adapter, tmp_path):
     ValueError,
     match=(
       rf"missing key: '{Q0}\.lora_B\.weight' \(shape \(64, 4\)\) is not in the file, but target_modules selects "
-      r"'model\.layers\.0\.self_attn\.q_proj'"
+      r"'model\.layers\.0\.self_attn\.q_proj' in this model\. Fix: import it onto the base model it was made for "
+      r'\(base_model_name_or_path='
     ),
   ):
     imported(llama_adapter, d)

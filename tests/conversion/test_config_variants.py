@@ -75,6 +75,21 @@ LLAMA = dict(
 LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0, 'rope_theta': 1e4}
 
 
+def _matches_torch_and_exports(hf, tmp_path, rng):
+  """A causal LM converted from `hf` gives its logits; exported back, transformers loads the same model."""
+  hf.save_pretrained(tmp_path / 'hf')
+  model, params, config = load_pretrained(tmp_path / 'hf')
+  ids, mask, positions = make_inputs(rng)
+  expected = torch_outputs(hf, ids, mask, positions).logits.numpy()
+  ours = np.asarray(model.apply({'params': params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
+  assert relative_error(on_real_tokens(ours), on_real_tokens(expected)) < REL
+
+  save_pretrained(tmp_path / 'out', params, config)
+  again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').eval()
+  reloaded = torch_outputs(again, ids, mask, positions).logits.numpy()
+  assert relative_error(on_real_tokens(reloaded), on_real_tokens(expected)) < REL
+
+
 @pytest.mark.parametrize(
   'overrides',
   [
@@ -89,17 +104,7 @@ LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'hi
 def test_llama_variant_matches_torch_and_exports(overrides, tmp_path, rng):
   torch.manual_seed(0)
   hf = randomized(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA, **overrides})))
-  hf.save_pretrained(tmp_path / 'hf')
-  model, params, config = load_pretrained(tmp_path / 'hf')
-  ids, mask, positions = make_inputs(rng)
-  expected = torch_outputs(hf, ids, mask, positions).logits.numpy()
-  ours = np.asarray(model.apply({'params': params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
-  assert relative_error(on_real_tokens(ours), on_real_tokens(expected)) < REL
-
-  save_pretrained(tmp_path / 'out', params, config)
-  again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').eval()
-  reloaded = torch_outputs(again, ids, mask, positions).logits.numpy()
-  assert relative_error(on_real_tokens(reloaded), on_real_tokens(expected)) < REL
+  _matches_torch_and_exports(hf, tmp_path, rng)
 
 
 @pytest.mark.parametrize(
@@ -216,17 +221,7 @@ GPT2 = dict(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 def test_gpt2_variant_matches_torch_and_exports(overrides, tmp_path, rng):
   torch.manual_seed(0)
   hf = randomized(transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**GPT2, **overrides})))
-  hf.save_pretrained(tmp_path / 'hf')
-  model, params, config = load_pretrained(tmp_path / 'hf')
-  ids, mask, positions = make_inputs(rng)
-  expected = torch_outputs(hf, ids, mask, positions).logits.numpy()
-  ours = np.asarray(model.apply({'params': params}, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions)))
-  assert relative_error(on_real_tokens(ours), on_real_tokens(expected)) < REL
-
-  save_pretrained(tmp_path / 'out', params, config)
-  again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'out').eval()
-  reloaded = torch_outputs(again, ids, mask, positions).logits.numpy()
-  assert relative_error(on_real_tokens(reloaded), on_real_tokens(expected)) < REL
+  _matches_torch_and_exports(hf, tmp_path, rng)
 
 
 # ---- BERT ----------------------------------------------------------------------------------------

@@ -58,10 +58,22 @@ def _real(path: str) -> str:
 
 
 def check_not_an_input(out_dir: str, inputs: dict[str, str]) -> None:
-  """OUT_DIR must be neither an input directory nor inside one."""
+  """Every input must be an existing directory; OUT_DIR must be neither an input nor inside one or a file."""
   if not out_dir:
     raise ValueError('OUT_DIR is empty; name the directory to write.')
+  for name, path in inputs.items():
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{name} {path!r} does not exist; check the path (expected a directory).')
+    if not os.path.isdir(path):
+      raise NotADirectoryError(f'{name} {path!r} is a file; expected a directory (name the folder that holds it).')
   out = _real(out_dir)
+  parent = os.path.dirname(out)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise NotADirectoryError(
+      f'OUT_DIR {out_dir!r} is inside {parent!r}, which is a file; choose a path in a directory.'
+    )
   for name, path in inputs.items():
     src = _real(path)
     if out == src or out.startswith(src.rstrip(os.sep) + os.sep):

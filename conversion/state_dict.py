@@ -40,10 +40,22 @@ def to_numpy(value: Any, *, key: str = '?') -> np.ndarray:
   elif type(value).__module__.startswith('torch'):
     import torch
 
+    if not isinstance(value, torch.Tensor):
+      raise TypeError(
+        f'state_dict[{key!r}] must be a torch.Tensor, jax.Array or numpy.ndarray, got {type(value).__name__}.'
+      )
     tensor = value.detach().cpu()
+    if tensor.layout != torch.strided:
+      tensor = tensor.to_dense()  # a sparse tensor holds the same values as its dense form
     if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32, torch.float64):
       tensor = tensor.float()  # bfloat16 and the float8 types have no numpy dtype
-    array = tensor.numpy()
+    try:
+      array = tensor.numpy()
+    except (TypeError, RuntimeError) as e:  # quantized, complex32, ...: no numpy dtype
+      raise TypeError(
+        f'state_dict[{key!r}] is a {tensor.dtype} tensor, which has no numpy equivalent ({e}); convert it to a '
+        'float or integer tensor first.'
+      ) from None
   elif hasattr(value, '__array__'):
     array = np.asarray(value)
   else:
@@ -101,7 +113,24 @@ def _load_pickle(path: str, keys: Collection[str] | None = None) -> dict[str, np
     if set(loaded) != set(keys):
       raise _shard_mismatch(path, keys, list(loaded))
     loaded = {k: loaded[k] for k in keys}
-  return {k: to_numpy(v, key=k) for k, v in loaded.items()}
+  import torch
+
+  others = {k: type(v).__name__ for k, v in loaded.items() if not isinstance(v, torch.Tensor)}
+  if others:
+    nested = [k for k, v in loaded.items() if isinstance(v, Mapping)]
+    hint = (
+      f'it wraps one under {nested[0]!r}: load it yourself and save loaded[{nested[0]!r}]'
+      if nested
+      else 'drop them and save the tensors alone (model.state_dict())'
+    )
+    raise TypeError(
+      f'{path!r} is not a plain state dict {{name: tensor}}: {len(others)} values are not tensors '
+      f'({dict(list(others.items())[:4])}); {hint}.'
+    )
+  try:
+    return {k: to_numpy(v, key=k) for k, v in loaded.items()}
+  except TypeError as e:
+    raise TypeError(f'{path!r}: {e}') from None
 
 
 def _shard_mismatch(path: str, listed: Collection[str], held: Collection[str]) -> ValueError:

@@ -20,7 +20,7 @@ from flax_adapters import methods as methods_lib
 from flax_adapters import paths as paths_lib
 from flax_adapters import tree as tree_lib
 from flax_adapters.methods.base import BYPASS
-from flax_adapters.tracing import Site, nested_call
+from flax_adapters.tracing import Site, call_kwargs_of, nested_call
 
 Path = tuple[str, ...]
 # The rng stream that switches adapter dropout on: apply(..., rngs={ADAPTER_DROPOUT: key}).
@@ -146,15 +146,16 @@ class AdaptedModel:
     x, rebuild = _split_input(args, kwargs)
     if x is None:
       raise TypeError(f'the adapted module {site.name} was called without an input array.')
+    geometry = call_kwargs_of(site.kind, args, kwargs)
     x_in = x
     for m in entry.methods:
       if m.stage == 'input':
-        x_in = m.apply(site, leaves, x_in, None, site.contraction(x.ndim, x.ndim, kwargs))
+        x_in = m.apply(site, leaves, x_in, None, site.contraction(x.ndim, x.ndim, geometry))
     call_args, call_kwargs = rebuild(x_in)
     y = next_fun(*call_args, **call_kwargs)
     if not isinstance(y, jax.Array):
       raise TypeError(f'{site.describe()} returned {type(y).__name__}; adapters on its output need a single array.')
-    call = site.contraction(x.ndim, y.ndim, kwargs)
+    call = site.contraction(x.ndim, y.ndim, geometry)
     for m in entry.methods:
       if m.stage != 'input':
         rng = module.make_rng(ADAPTER_DROPOUT) if m.needs_rng and module.has_rng(ADAPTER_DROPOUT) else None

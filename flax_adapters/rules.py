@@ -111,6 +111,13 @@ def _refuse_rewritten_weights(method, site) -> None:
       f"other than the first, but {method.name}'s per-layer leaves are stacked first. Stack the layers first: "
       "variable_axes={'params': 0}."
     )
+  disagree = site.option('calls_disagree')
+  if disagree is not None:
+    raise AdapterError(
+      f'{site.describe()} is called more than once with equations that give its kernel axes different roles '
+      f'({disagree}), so no one {method.name} adapter fits every call. Adapt a layer that is used one way, or '
+      f'train this one whole (modules_to_save=[{site.name!r}]).'
+    )
   wrapper = site.option('weights_rewritten_by')
   if wrapper is not None:
     raise AdapterError(

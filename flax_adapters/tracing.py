@@ -212,6 +212,13 @@ def _einsum_contraction(einsum_str: str, x_ndim: int, y_ndim: int):
   return Contraction(expand(xs), expand(ks), expand(ys)), mapping
 
 
+def call_kwargs_of(kind: str, args, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The call's keyword arguments, with an nn.Einsum's `einsum_str` given positionally moved into them."""
+  if kind == 'einsum' and len(args) > 1 and isinstance(args[1], str) and 'einsum_str' not in kwargs:
+    return {**kwargs, 'einsum_str': args[1]}
+  return kwargs
+
+
 def module_kind(module: nn.Module) -> str:
   """The kind of a linen module: declared by an `adapter_kind` class attribute, else by class."""
   declared = getattr(type(module), 'adapter_kind', None)
@@ -289,6 +296,11 @@ def make_site(module: nn.Module, kind: str, x_ndim: int, y, call_kwargs: Mapping
       options = (('axis', axis),)
     else:
       einsum_str = call_kwargs.get('einsum_str') or module.einsum_str
+      if not isinstance(einsum_str, str):
+        raise ValueError(
+          f'{paths_lib.dotted(path)} ({type(module).__name__}) has no einsum equation: set `einsum_str` on the '
+          'module or pass it to its call.'
+        )
       c, _ = _einsum_contraction(einsum_str, x_ndim, np.ndim(y))
       ks = c.kernel
       fin = ''.join(k for k in ks if k in c.x and k not in c.y)
@@ -353,17 +365,19 @@ def _first_array(args):
   return None
 
 
-# Per module (by id), how deep the current call is in that module's own nested `__call__`s: a
-# subclass's `__call__` that calls `super().__call__` is intercepted again on the same module.
+# Per module path, how deep the current call is in nested `__call__`s at that path: a subclass's
+# `__call__` that calls `super().__call__` is intercepted again on the same module, and a module that
+# shares its scope with a submodule (nn.share_scope) calls that submodule at its own path.
 _CALL_DEPTHS: contextvars.ContextVar[dict | None] = contextvars.ContextVar('flax_adapters_call_depths', default=None)
 
 
 @contextlib.contextmanager
 def nested_call(module):
-  """Count one more `__call__` of `module` in progress; yields its depth (1 for the outermost)."""
+  """Count one more `__call__` at `module`'s path in progress; yields its depth (1 for the outermost)."""
   depths = _CALL_DEPTHS.get() or {}
-  depth = depths.get(id(module), 0) + 1
-  token = _CALL_DEPTHS.set({**depths, id(module): depth})
+  key = tuple(module.scope.path) if module.scope is not None else id(module)
+  depth = depths.get(key, 0) + 1
+  token = _CALL_DEPTHS.set({**depths, key: depth})
   try:
     yield depth
   finally:
@@ -425,14 +439,21 @@ def trace_model(model: nn.Module, *args, rngs=None, kinds: Mapping[str, str] | N
         kind = forced
     x = _first_array(call_args)
     x_ndim = x.ndim if x is not None else 0
-    site = make_site(module, kind, x_ndim, out, call_kwargs)
+    site = make_site(module, kind, x_ndim, out, call_kwargs_of(kind, call_args, call_kwargs))
     if depth > 1:
       site = dataclasses.replace(site, options=site.options + (('call_depth', depth),))
     if rewriting and not wrapper:
       site = dataclasses.replace(site, options=site.options + (('weights_rewritten_by', rewriting[-1]),))
     previous = sites.get(path)
     if previous is not None and previous != site:
-      # A module called twice with different geometry (e.g. two input ranks) keeps the first.
+      # A module called twice with different geometry (e.g. two input ranks) keeps the first, unless
+      # its calls give its kernel axes different roles (an Einsum kernel used transposed the second
+      # time): then no one adapter fits every call.
+      roles = ('kernel', 'feature_in', 'feature_out', 'bias', 'unsupported_letters')
+      if previous.kind == site.kind and previous.kind in LINEAR_KINDS and previous.option('calls_disagree') is None:
+        if any(getattr(previous, r) != getattr(site, r) for r in roles):
+          how = f'{previous.option("einsum_str", "")!r} and {site.option("einsum_str", "")!r}'
+          sites[path] = dataclasses.replace(previous, options=previous.options + (('calls_disagree', how),))
       return out
     sites[path] = site
     return out

@@ -40,21 +40,16 @@ def _as_tuple(value: Any, name: str) -> tuple:
   return tuple(value)
 
 
-def _refuse_repeats(names: tuple, field: str) -> None:
-  repeated = sorted({n for n in names if names.count(n) > 1}, key=str)
+def _refuse_repeats(names: tuple, field: str, why: str) -> None:
+  repeated = sorted({str(n) for n in names if names.count(n) > 1})
   if repeated:
-    raise ValueError(f'`{field}` lists {repeated} more than once: {list(names)}. List each head once.')
+    raise ValueError(f'`{field}` lists {repeated} more than once: {list(names)}. {why}')
 
 
 def _check_targets(targets: tuple, name: str) -> None:
   for t in targets:
     check_target(t, name)
-  duplicates = {t for t in targets if targets.count(t) > 1}
-  if duplicates:
-    raise ValueError(
-      f'`{name}` lists {sorted(map(str, duplicates))} more than once; each target adds one adapter '
-      'per matched layer, so list each target once.'
-    )
+  _refuse_repeats(targets, name, 'Each target adds one adapter per matched layer, so list each target once.')
 
 
 # The fields each built-in mode reads (IA3 and IA3_FF are one mode with two target lists).
@@ -231,11 +226,11 @@ class TransferConfig:
 
   def _normalise_heads(self) -> None:
     remove = _as_tuple(self.remove_heads, 'remove_heads')
-    _refuse_repeats(remove, 'remove_heads')
+    _refuse_repeats(remove, 'remove_heads', 'List each head once.')
     object.__setattr__(self, 'remove_heads', remove)
     if self.keep_heads is not None:
       keep = _as_tuple(self.keep_heads, 'keep_heads')
-      _refuse_repeats(keep, 'keep_heads')
+      _refuse_repeats(keep, 'keep_heads', 'List each head once.')
       object.__setattr__(self, 'keep_heads', keep)
       both = set(keep) & set(remove)
       if both:

@@ -477,14 +477,35 @@ def restore_transfer(directory: str | os.PathLike, model, params, *example_args,
   from flax_adapters.transfer import prepare_for_transfer  # pylint: disable=g-import-not-at-top
 
   meta = read_meta(directory)
-  if meta['config'] is not None:
-    adapted, prepared = prepare_for_transfer(
-      model, params, config_from_json(meta['config']), *example_args, **example_kwargs
-    )
-  else:
-    exact = lambda path: re.compile(re.escape(paths_lib.dotted(path)))
-    adapters = {exact(tuple(e['path'])): [methods_lib.from_json(m) for m in e['methods']] for e in meta['plan']}
-    adapted, prepared = adapt(model, params, adapters, *example_args, **example_kwargs)
-    if 'trainable' in meta:
-      adapted = adapted.replace(trainable=trainable_from_json(meta['trainable']))
+  try:
+    if meta['config'] is not None:
+      adapted, prepared = prepare_for_transfer(
+        model, params, config_from_json(meta['config']), *example_args, **example_kwargs
+      )
+    else:
+      exact = lambda path: re.compile(re.escape(paths_lib.dotted(path)))
+      adapters = {exact(tuple(e['path'])): [methods_lib.from_json(m) for m in e['methods']] for e in meta['plan']}
+      adapted, prepared = adapt(model, params, adapters, *example_args, **example_kwargs)
+      if 'trainable' in meta:
+        adapted = adapted.replace(trainable=trainable_from_json(meta['trainable']))
+  except (ValueError, methods_lib.AdapterError) as e:
+    # On another architecture the saved targets match nothing: name the base, not the targets.
+    _refuse_other_base(meta['base'], params, directory, e)
+    raise
   return adapted, load_adapters(directory, adapted, prepared)
+
+
+def _refuse_other_base(saved, params, directory: str, error: Exception) -> None:
+  """Raise if most of the saved base's trunk is absent from `params` (`error`: why preparing failed)."""
+  if not isinstance(params, Mapping):
+    return
+  given = {paths_lib.raw(k) for k in traverse_util.flatten_dict(params)}
+  saved_paths = [s[0] for s in saved['structure']]
+  absent = [p for p in saved_paths if p not in given]
+  if saved_paths and len(absent) * 2 > len(saved_paths):
+    raise ValueError(
+      f'the adapter checkpoint at {directory!r} was trained on a different base model: {len(absent)} of the '
+      f'{len(saved_paths)} base leaves it was trained with are not in `params` (e.g. {absent[:3]}), so its '
+      f'adapters fit no module here ({type(error).__name__}: {str(error)[:200]}). Restore it onto the base it '
+      'was trained on.'
+    ) from error

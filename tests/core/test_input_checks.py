@@ -178,3 +178,27 @@ def test_a_head_listed_twice_is_refused(field):
   with pytest.raises(ValueError, match=rf"`{field}` lists \['atac'\] more than once: \['atac', 'dnase', 'atac'\]"):
     fa.TransferConfig(mode='linear', **{field: ['atac', 'dnase', 'atac']})
   assert getattr(fa.TransferConfig(mode='linear', **{field: ['atac', 'dnase']}), field) == ('atac', 'dnase')
+
+
+class Renamed(nn.Module):
+  """Another architecture: no module of Net's names."""
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(2, name='head')(nn.Dense(8, name='enc')(x))
+
+
+@pytest.mark.parametrize('made_by', ['config', 'rules'])
+def test_restore_onto_a_model_without_the_saved_modules_names_the_base(tmp_path, params, made_by):
+  # The saved targets match nothing on another model: the error said "`lora_targets` entry 'q_proj' matches
+  # no module" (or the same for a rules-made checkpoint), as if the targets were wrong.
+  if made_by == 'config':
+    d, _ = _saved(tmp_path, params)
+  else:
+    model, p = fa.adapt(Net(), params, {'q_proj': fa.LoRA(rank=2)}, X)
+    d = fa.save_adapters(tmp_path / 'ck', model, p)
+  other = Renamed().init(jax.random.key(0), X)['params']
+  with pytest.raises(
+    ValueError, match=r'was trained on a different base model: 4 of the 4 base leaves .* not in `params`'
+  ):
+    fa.restore_transfer(d, Renamed(), other, X)

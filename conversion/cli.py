@@ -161,6 +161,8 @@ def parse_overrides(items) -> dict:
       raise ValueError(
         f'--set {item!r}: expected FIELD=VALUE with a config field name, e.g. --set add_pooling_layer=false.'
       )
+    if field in out:
+      raise ValueError(f'--set gives {field} twice ({field}={out[field]!r}, then {item!r}); give each field once.')
     try:
       out[field] = json.loads(text)
     except json.JSONDecodeError:

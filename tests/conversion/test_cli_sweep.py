@@ -62,3 +62,12 @@ def test_a_sparse_tensor_is_read_as_its_dense_values(tmp_path):
   dense = torch.tensor([[0.0, 1.5], [2.0, 0.0]])
   torch.save({'w': dense.to_sparse()}, tmp_path / 'sparse.bin')
   np.testing.assert_array_equal(load_state_dict(tmp_path / 'sparse.bin')['w'], dense.numpy())
+
+
+def test_a_field_set_twice_is_refused(tmp_path, capsys):
+  # The last value won without a word.
+  argv = ['to-flax', str(tmp_path), str(tmp_path / 'out'), '--set', 'n_layer=2', '--set', 'n_layer=3']
+  assert main(argv) == 1
+  err = capsys.readouterr().err
+  assert "--set gives n_layer twice (n_layer=2, then 'n_layer=3'); give each field once." in err
+  assert len(err.splitlines()) == 1 and not (tmp_path / 'out').exists()

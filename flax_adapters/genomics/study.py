@@ -160,7 +160,7 @@ class Study:
 
   @classmethod
   def default(cls, **changes) -> Study:
-    """The demo's default: five modes, a 2-point grid, 3 seeds, the probe; about 3 minutes on 2 CPU cores."""
+    """The demo's default: five modes, a 2-point grid, 3 seeds, the probe; about 4-5 minutes on 2 CPU cores."""
     return cls(**changes)
 
   @classmethod
